@@ -1,0 +1,93 @@
+"""Endpoints and their resolution: flag, then environment, then the loopback default.
+
+Loopback is the default so that nothing is exposed by accident; binding anywhere else
+needs CURVE (``--curve``) or an explicit, loudly logged ``--insecure``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+
+DEFAULT_PUBLISH = "tcp://127.0.0.1:7751"
+DEFAULT_SUBSCRIBE = "tcp://127.0.0.1:7752"
+DEFAULT_SNAPSHOT = "tcp://127.0.0.1:7753"
+
+ENV_PUBLISH = "TRAINBUS_PUBLISH"
+ENV_SUBSCRIBE = "TRAINBUS_SUBSCRIBE"
+ENV_SNAPSHOT = "TRAINBUS_SNAPSHOT"
+ENV_CURVE_CLIENT = "TRAINBUS_CURVE_CLIENT"
+
+_DEFAULTS = {
+    "publish": (ENV_PUBLISH, DEFAULT_PUBLISH),
+    "subscribe": (ENV_SUBSCRIBE, DEFAULT_SUBSCRIBE),
+    "snapshot": (ENV_SNAPSHOT, DEFAULT_SNAPSHOT),
+}
+
+
+class EndpointError(ValueError):
+    """A bad or forbidden endpoint; the message is one line, fit for a CLI error."""
+
+
+def resolve(role: str, flag_value: str | None = None) -> str:
+    """The endpoint for ``role`` ("publish", "subscribe", "snapshot")."""
+    env_name, default = _DEFAULTS[role]
+    endpoint = flag_value or os.environ.get(env_name) or default
+    check_syntax(endpoint)
+    return endpoint
+
+
+def resolve_curve_client(flag_value: str | None = None) -> str | None:
+    """Directory of client keys from ``--curve-client`` or TRAINBUS_CURVE_CLIENT."""
+    return flag_value or os.environ.get(ENV_CURVE_CLIENT) or None
+
+
+def check_syntax(endpoint: str) -> None:
+    if not isinstance(endpoint, str) or "://" not in endpoint:
+        raise EndpointError(f"bad endpoint {endpoint!r}: expected e.g. tcp://127.0.0.1:7751 or ipc:///tmp/x")
+    transport = endpoint.split("://", 1)[0]
+    if transport not in ("tcp", "ipc", "inproc"):
+        raise EndpointError(f"bad endpoint {endpoint!r}: transport must be tcp, ipc or inproc")
+
+
+def tcp_host(endpoint: str) -> str | None:
+    """The host part of a tcp endpoint (brackets stripped), None for ipc/inproc."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    rest = endpoint[len("tcp://"):]
+    if rest.startswith("["):
+        return rest[1:rest.index("]")]
+    host = rest.rsplit(":", 1)[0]
+    # tcp://eth0;host:port style source binds: keep the part after ';'.
+    return host.split(";")[-1]
+
+
+def is_loopback(endpoint: str) -> bool:
+    """True when binding ``endpoint`` exposes nothing beyond this machine."""
+    host = tcp_host(endpoint)
+    if host is None:
+        return True  # ipc:// and inproc:// never leave the machine
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    if host in ("*", ""):
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None))
+    except (OSError, ValueError):
+        return False
+
+
+def check_bind_allowed(endpoint: str, *, curve: bool, insecure: bool) -> None:
+    """Refuse a non-loopback bind without CURVE or ``--insecure`` (one-line reason)."""
+    check_syntax(endpoint)
+    if is_loopback(endpoint) or curve or insecure:
+        return
+    raise EndpointError(
+        f"refusing to bind {endpoint}: not a loopback address; use --curve DIR to require "
+        "keys, or --insecure to expose the bus unauthenticated")

@@ -1,0 +1,93 @@
+"""Socket construction shared by every process: one Context per process, bounded queues,
+bounded linger, and CURVE on request.
+
+Why here: the options that keep training from blocking (NOBLOCK sends, bounded SNDHWM,
+short LINGER) and the CURVE wiring must be the same for every publisher and subscriber,
+and ``bus/`` is the package both sides may import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import zmq
+import zmq.auth
+
+#: Per-connection queue bounds. A publisher keeps at most this many messages for a missing
+#: or slow daemon, then drops (receivers see the loss as sequence gaps).
+PUBLISHER_SNDHWM = 10_000
+SUBSCRIBER_RCVHWM = 100_000
+#: close() never waits longer than this for queued messages to leave.
+DEFAULT_LINGER_MS = 200
+#: Reconnect quickly after a daemon restart, backing off to 1 s while it stays away.
+RECONNECT_IVL_MS = 100
+RECONNECT_IVL_MAX_MS = 1000
+
+
+def context() -> zmq.Context:
+    """The process's single Context (pyzmq makes a fresh one in a forked child)."""
+    return zmq.Context.instance()
+
+
+class KeyFileError(FileNotFoundError):
+    """A CURVE key file that is missing or unreadable (one-line message)."""
+
+
+def _load(path: Path, secret: bool) -> tuple[bytes, bytes | None]:
+    if not path.is_file():
+        raise KeyFileError(f"CURVE key file not found: {path} (create keys with: trainbus keys init DIR)")
+    public, secret_key = zmq.auth.load_certificate(str(path))
+    if secret and secret_key is None:
+        raise KeyFileError(f"{path} holds no secret key")
+    return public, secret_key
+
+
+def apply_curve_client(sock: zmq.Socket, curve_dir: str | Path) -> None:
+    """Make ``sock`` a CURVE client of the daemon whose public key is DIR/server.key."""
+    curve_dir = Path(curve_dir)
+    client_public, client_secret = _load(curve_dir / "client.key_secret", secret=True)
+    server_public, _ = _load(curve_dir / "server.key", secret=False)
+    sock.curve_publickey = client_public
+    sock.curve_secretkey = client_secret
+    sock.curve_serverkey = server_public
+
+
+def apply_curve_server(sock: zmq.Socket, curve_dir: str | Path) -> None:
+    """Make ``sock`` a CURVE server with DIR/server.key_secret."""
+    public, secret = _load(Path(curve_dir) / "server.key_secret", secret=True)
+    sock.curve_publickey = public
+    sock.curve_secretkey = secret
+    sock.curve_server = True
+
+
+def _common(sock: zmq.Socket) -> None:
+    sock.linger = DEFAULT_LINGER_MS
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+
+
+def publisher(endpoint: str, curve_dir: str | Path | None = None,
+              sndhwm: int = PUBLISHER_SNDHWM, ctx: zmq.Context | None = None) -> zmq.Socket:
+    """A PUB socket connected to the daemon's publish side (or to a direct subscriber)."""
+    sock = (ctx or context()).socket(zmq.PUB)
+    _common(sock)
+    sock.sndhwm = sndhwm
+    if curve_dir:
+        apply_curve_client(sock, curve_dir)
+    sock.connect(endpoint)
+    return sock
+
+
+def subscriber(endpoint: str, prefixes: list[bytes] | None = None,
+               curve_dir: str | Path | None = None, rcvhwm: int = SUBSCRIBER_RCVHWM,
+               ctx: zmq.Context | None = None) -> zmq.Socket:
+    """A SUB socket connected to the daemon's subscribe side, subscribed to ``prefixes``."""
+    sock = (ctx or context()).socket(zmq.SUB)
+    _common(sock)
+    sock.rcvhwm = rcvhwm
+    if curve_dir:
+        apply_curve_client(sock, curve_dir)
+    for prefix in prefixes if prefixes is not None else [b""]:
+        sock.setsockopt(zmq.SUBSCRIBE, prefix)
+    sock.connect(endpoint)
+    return sock

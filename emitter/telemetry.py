@@ -1,0 +1,231 @@
+"""TelemetryEmitter: what a training process calls once per PPO update.
+
+Guarantee: **at most once, never blocking.** ``emit_ppo_update`` stamps the envelope,
+encodes and hands the two frames to a PUB socket with NOBLOCK. When the daemon is absent,
+restarting or slow, ZeroMQ queues up to ``sndhwm`` messages per connection and then drops;
+the training thread pays the same few microseconds either way. Loss is visible downstream
+as gaps in ``seq`` (per session and type); ``dropped`` here counts only what the emitter
+itself could not hand over (a refused send or a closed emitter).
+
+Caller-side checks raise TypeError/ValueError naming the field, because a typo in a
+metric name is a bug in the training script and should fail there, not in a dashboard.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from typing import Any
+
+import zmq
+
+from bus import endpoints, protocol, transport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
+
+_FLOAT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "float")
+_INT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "int")
+_OPTIONAL_INT = frozenset(k for k, v in protocol.PPO_UPDATE_OPTIONAL.items() if v == "int")
+_OPTIONAL_FLOAT = frozenset(k for k, v in protocol.PPO_UPDATE_OPTIONAL.items() if v == "float")
+_ENVELOPE = frozenset(protocol.ENVELOPE_FIELDS)
+
+# Emitters alive in this process: a fork copies them, but their sockets belong to the
+# parent's Context, so the child must reopen before sending (checked with no syscall).
+_live_emitters: weakref.WeakSet[TelemetryEmitter] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for emitter in list(_live_emitters):
+        emitter._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class TelemetryEmitter:
+    """Publishes ``ppo_update`` (and ``heartbeat``) events for one (run, worker).
+
+    Create it inside the training process (after fork/spawn). Use as a context manager or
+    call :meth:`close`; closing waits at most ``linger_ms`` for queued events.
+    """
+
+    def __init__(self, run: str, worker: int, publish: str | None = None, *,
+                 curve_client: str | None = None,
+                 heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL_S,
+                 sndhwm: int = transport.PUBLISHER_SNDHWM,
+                 linger_ms: int = transport.DEFAULT_LINGER_MS) -> None:
+        self.run = run
+        self.worker = worker
+        self._topic = protocol.make_topic(protocol.PPO_UPDATE, run, worker)  # validates both
+        self.endpoint = endpoints.resolve("publish", publish)
+        self.curve_client = endpoints.resolve_curve_client(curve_client)
+        self.session = uuid.uuid4().hex[:16]
+        self.sent = 0
+        self.dropped = 0
+        self.last_update: int | None = None
+        self._seq = 0
+        self._sndhwm = sndhwm
+        self._linger_ms = linger_ms
+        self._closed = False
+        self._forked = False
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._open()
+        _live_emitters.add(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _open(self) -> None:
+        self._sock = transport.publisher(self.endpoint, self.curve_client, sndhwm=self._sndhwm)
+        self._sock.linger = self._linger_ms
+        self._forked = False
+        if self._heartbeat_interval:
+            self._heartbeat_stop = threading.Event()
+            self._heartbeat_thread = threading.Thread(
+                target=self._heartbeat_loop, name=f"trainbus-heartbeat-{self.worker}", daemon=True)
+            self._heartbeat_thread.start()
+
+    def _reopen_after_fork(self) -> None:
+        # The inherited socket belongs to the parent's Context: abandon it (never close it
+        # from the child) and start over as a new session, as a restarted worker would.
+        self.session = uuid.uuid4().hex[:16]
+        self._seq = 0
+        self._open()
+
+    def close(self) -> None:
+        """Stop heartbeats and close the socket, waiting at most ``linger_ms``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None and not self._forked:
+            self._heartbeat_thread.join(timeout=1.0)
+        if not self._forked:
+            self._sock.close(linger=self._linger_ms)
+
+    def __enter__(self) -> TelemetryEmitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ sending
+
+    def emit_ppo_update(self, **fields: Any) -> bool:
+        """Publish one ppo_update; returns True if handed to ZeroMQ, False if dropped.
+
+        Required: update, env_steps (int) and grad_norm, pre_clip_grad_norm, max_grad_norm,
+        policy_loss, value_loss, entropy, approx_kl, clip_fraction, lr (float; NaN/inf are
+        allowed and carried). Optional fields may be None (= not measured). Extra fields
+        are passed on as they are.
+        """
+        for name in _FLOAT_FIELDS:
+            try:
+                fields[name] = float(fields[name])
+            except KeyError:
+                raise TypeError(f"emit_ppo_update() missing required field {name!r}") from None
+            except (TypeError, ValueError):
+                raise TypeError(f"emit_ppo_update() field {name!r} must be a float, "
+                                f"got {type(fields[name]).__name__}") from None
+        for name in _INT_FIELDS:
+            try:
+                value = fields[name]
+            except KeyError:
+                raise TypeError(f"emit_ppo_update() missing required field {name!r}") from None
+            if type(value) is not int:
+                fields[name] = self._as_int(name, value)
+            if fields[name] < 0:
+                raise ValueError(f"emit_ppo_update() field {name!r} must be >= 0, got {value}")
+        if not _ENVELOPE.isdisjoint(fields):
+            raise ValueError("emit_ppo_update() fields may not set envelope keys "
+                             f"{sorted(_ENVELOPE & fields.keys())}")
+        for name in _OPTIONAL_FLOAT.intersection(fields):
+            value = fields[name]
+            if value is not None and type(value) is not float:
+                try:
+                    fields[name] = float(value)
+                except (TypeError, ValueError):
+                    raise TypeError(f"emit_ppo_update() field {name!r} must be a float or None, "
+                                    f"got {type(value).__name__}") from None
+        for name in _OPTIONAL_INT.intersection(fields):
+            value = fields[name]
+            if value is not None and type(value) is not int:
+                fields[name] = self._as_int(name, value)
+        self.last_update = fields["update"]
+        return self._send(protocol.PPO_UPDATE, self._topic, fields)
+
+    @staticmethod
+    def _as_int(name: str, value: Any) -> int:
+        if isinstance(value, bool):
+            raise TypeError(f"emit_ppo_update() field {name!r} must be an int, got bool")
+        if isinstance(value, float):
+            if not value.is_integer():
+                raise TypeError(f"emit_ppo_update() field {name!r} must be an int, got {value!r}")
+            return int(value)
+        try:
+            return int(value.__index__())
+        except (AttributeError, TypeError):
+            raise TypeError(f"emit_ppo_update() field {name!r} must be an int, "
+                            f"got {type(value).__name__}") from None
+
+    def _send(self, event_type: str, topic: bytes, fields: dict[str, Any]) -> bool:
+        if self._forked:
+            self._reopen_after_fork()
+        if self._closed:
+            self.dropped += 1
+            return False
+        fields["v"] = protocol.PROTOCOL_VERSION
+        fields["type"] = event_type
+        fields["run"] = self.run
+        fields["worker"] = self.worker
+        fields["session"] = self.session
+        fields["seq"] = self._seq
+        fields["ts"] = time.time()
+        self._seq += 1
+        try:
+            self._sock.send(topic, zmq.SNDMORE | zmq.NOBLOCK)
+            self._sock.send(protocol.pack(fields), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.dropped += 1
+            return False
+        self.sent += 1
+        return True
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def _heartbeat_loop(self) -> None:
+        """Heartbeats from a thread with its own socket (sockets are not thread-safe), so a
+        worker in a long update or evaluation still shows as alive."""
+        interval = float(self._heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL_S)
+        topic = protocol.make_topic(protocol.HEARTBEAT, self.run, self.worker)
+        sock = transport.publisher(self.endpoint, self.curve_client, sndhwm=16)
+        sock.linger = 0
+        session = self.session
+        seq = 0
+        host = socket.gethostname()
+        try:
+            while not self._heartbeat_stop.is_set():
+                payload = {
+                    "v": protocol.PROTOCOL_VERSION, "type": protocol.HEARTBEAT, "run": self.run,
+                    "worker": self.worker, "session": session, "seq": seq, "ts": time.time(),
+                    "interval_s": interval, "pid": os.getpid(), "host": host,
+                    "events_sent": self.sent, "events_dropped": self.dropped,
+                    "last_update": self.last_update,
+                }
+                try:
+                    sock.send_multipart([topic, protocol.pack(payload)], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+                seq += 1
+                self._heartbeat_stop.wait(interval)
+        finally:
+            sock.close(linger=0)
+
