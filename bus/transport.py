@@ -8,6 +8,7 @@ and ``bus/`` is the package both sides may import.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import zmq
@@ -68,8 +69,15 @@ def _common(sock: zmq.Socket) -> None:
 
 def publisher(endpoint: str, curve_dir: str | Path | None = None,
               sndhwm: int = PUBLISHER_SNDHWM, ctx: zmq.Context | None = None) -> zmq.Socket:
-    """A PUB socket connected to the daemon's publish side (or to a direct subscriber)."""
-    sock = (ctx or context()).socket(zmq.PUB)
+    """A publishing socket connected to the daemon's publish side (or a direct subscriber).
+
+    It is an XPUB rather than a PUB: it sends exactly like a PUB (filtering at the sender,
+    dropping at SNDHWM, never blocking with NOBLOCK), but it also lets a publisher that
+    must not lose its first events (synthetic publisher, replay) see when the daemon's
+    subscription has arrived, see :func:`wait_for_subscriber`. Until then a PUB-family
+    socket silently drops what it is given.
+    """
+    sock = (ctx or context()).socket(zmq.XPUB)
     _common(sock)
     sock.sndhwm = sndhwm
     if curve_dir:
@@ -91,3 +99,16 @@ def subscriber(endpoint: str, prefixes: list[bytes] | None = None,
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
     sock.connect(endpoint)
     return sock
+
+
+def wait_for_subscriber(sock: zmq.Socket, timeout_s: float) -> bool:
+    """Block up to ``timeout_s`` until a subscription reaches this publisher (the daemon
+    subscribes to everything as soon as it is connected). Returns False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0 or not sock.poll(remaining_ms, zmq.POLLIN):
+            return False
+        message = sock.recv()
+        if message[:1] == b"\x01":
+            return True

@@ -100,6 +100,12 @@ class TelemetryEmitter:
         self._seq = 0
         self._open()
 
+    def wait_for_bus(self, timeout_s: float = 5.0) -> bool:
+        """Optionally block until the daemon has subscribed (a PUB-family socket drops
+        events sent before that). Training never needs this; scripts and tests that must
+        account for every event do. False on timeout."""
+        return transport.wait_for_subscriber(self._sock, timeout_s)
+
     def close(self) -> None:
         """Stop heartbeats and close the socket, waiting at most ``linger_ms``."""
         if self._closed:
@@ -208,6 +214,10 @@ class TelemetryEmitter:
         topic = protocol.make_topic(protocol.HEARTBEAT, self.run, self.worker)
         sock = transport.publisher(self.endpoint, self.curve_client, sndhwm=16)
         sock.linger = 0
+        # Wait (interruptibly) for the daemon, so the first heartbeat is not filtered away.
+        while not self._heartbeat_stop.is_set():
+            if transport.wait_for_subscriber(sock, min(interval, 0.5)):
+                break
         session = self.session
         seq = 0
         host = socket.gethostname()

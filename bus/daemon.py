@@ -1,0 +1,377 @@
+"""The bus daemon: XSUB (publish side) → XPUB (subscribe side), plus a last-value cache
+served on a ROUTER snapshot port for late joiners.
+
+Guarantees:
+
+* **Forwarding is at most once and never stalls on a subscriber.** XPUB drops for a
+  subscriber whose queue (SNDHWM) is full; that subscriber sees the loss as seq gaps while
+  publishers and the other subscribers keep full rate.
+* **Cheap structural checks only.** Frame count, size and topic syntax are checked here
+  (the topic check is cached per topic, so a steady stream costs one dict lookup); full
+  payload validation is each consumer's job, which counts and skips bad messages. Frames
+  over ``--max-msg-size`` are dropped and counted; frames over 16x that are refused by
+  ZeroMQ itself (the sender is disconnected), so a hostile peer cannot make the daemon
+  allocate without bound.
+* **Bounded cache.** The last ``depth`` events per topic; streams idle longer than
+  ``idle_evict_s`` and the least recently active beyond ``max_streams`` are evicted.
+
+Snapshot protocol (DEALER or REQ client): request ``[b"SNAPSHOT", prefix...]`` (no
+prefix, or an empty one, means everything); reply ``[b"SNAPSHOT", b"<n>", topic_1,
+payload_1, ..., topic_n, payload_n]`` in arrival order, each pair the original two frames.
+A request the daemon does not understand gets ``[b"ERROR", b"<reason>"]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from collections import Counter, OrderedDict, deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from bus import endpoints, protocol, transport
+
+log = logging.getLogger("trainbus.daemon")
+
+CACHE_DEPTH = 10
+DEFAULT_MAX_STREAMS = 10_000
+DEFAULT_IDLE_EVICT_S = 3600.0
+XSUB_RCVHWM = 100_000
+XPUB_SNDHWM = 20_000
+MAX_FORWARD_BATCH = 2000
+_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+
+
+class LastValueCache:
+    """The last ``depth`` messages of every topic, in arrival order, bounded in streams."""
+
+    def __init__(self, depth: int = CACHE_DEPTH, max_streams: int = DEFAULT_MAX_STREAMS,
+                 idle_evict_s: float = DEFAULT_IDLE_EVICT_S) -> None:
+        self.depth = depth
+        self.max_streams = max_streams
+        self.idle_evict_s = idle_evict_s
+        self._streams: OrderedDict[bytes, tuple[deque[tuple[int, bytes]], list[float]]] = OrderedDict()
+        self._arrivals = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def __contains__(self, topic: bytes) -> bool:
+        return topic in self._streams
+
+    def store(self, topic: bytes, payload: bytes, now: float) -> None:
+        self._arrivals += 1
+        entry = self._streams.get(topic)
+        if entry is None:
+            entry = self._streams[topic] = (deque(maxlen=self.depth), [now])
+            if len(self._streams) > self.max_streams:
+                self._streams.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._streams.move_to_end(topic)
+            entry[1][0] = now
+        entry[0].append((self._arrivals, payload))
+
+    def evict_idle(self, now: float) -> int:
+        """Drop streams silent for longer than ``idle_evict_s`` (oldest first)."""
+        dropped = 0
+        while self._streams:
+            topic, (_, last) = next(iter(self._streams.items()))
+            if now - last[0] <= self.idle_evict_s:
+                break
+            del self._streams[topic]
+            dropped += 1
+        self.evicted += dropped
+        return dropped
+
+    def snapshot(self, prefixes: list[bytes]) -> list[tuple[bytes, bytes]]:
+        """Cached (topic, payload) pairs whose topic starts with any prefix, oldest first."""
+        wanted = [p for p in prefixes if p]
+        items: list[tuple[int, bytes, bytes]] = []
+        for topic, (entries, _) in self._streams.items():
+            if wanted and not any(topic.startswith(p) for p in wanted):
+                continue
+            items.extend((arrival, topic, payload) for arrival, payload in entries)
+        items.sort(key=lambda item: item[0])
+        return [(topic, payload) for _, topic, payload in items]
+
+
+class Daemon:
+    """Binds the three sockets and runs the forwarding loop until :meth:`stop`."""
+
+    def __init__(self, publish: str, subscribe: str, snapshot: str, *,
+                 max_msg_size: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                 stats_interval: float = 5.0, curve_dir: str | None = None,
+                 insecure: bool = False, max_streams: int = DEFAULT_MAX_STREAMS,
+                 idle_evict_s: float = DEFAULT_IDLE_EVICT_S) -> None:
+        for endpoint in (publish, subscribe, snapshot):
+            endpoints.check_bind_allowed(endpoint, curve=bool(curve_dir), insecure=insecure)
+            if not endpoints.is_loopback(endpoint) and not curve_dir:
+                log.warning("INSECURE: binding %s without CURVE; anyone who can reach it can "
+                            "read and inject telemetry", endpoint)
+        self.max_msg_size = max_msg_size
+        self.stats_interval = stats_interval
+        self.cache = LastValueCache(max_streams=max_streams, idle_evict_s=idle_evict_s)
+        self.forwarded = 0
+        self.rejected: Counter[str] = Counter()
+        self.snapshots_served = 0
+        self.session = uuid.uuid4().hex[:16]
+        self._stats_seq = 0
+        self._running = True
+        self._started = time.monotonic()
+        self._ctx = transport.context()
+        self._auth = None
+        self._authorized_dir: Path | None = None
+        self._authorized_mtime = 0.0
+        if curve_dir:
+            self._start_authenticator(Path(curve_dir))
+        self.xsub = self._bind(zmq.XSUB, publish, curve_dir)
+        self.xsub.rcvhwm = XSUB_RCVHWM
+        # The cache wants every stream whoever listens, so the daemon takes everything from
+        # publishers itself (PUB sockets filter at the sender: without this, events sent
+        # before the first subscriber arrives would never reach the cache).
+        self.xsub.send(b"\x01")
+        self.xpub = self._bind(zmq.XPUB, subscribe, curve_dir)
+        self.xpub.sndhwm = XPUB_SNDHWM
+        self.router = self._bind(zmq.ROUTER, snapshot, curve_dir)
+        self.endpoints = {
+            "publish": self.xsub.getsockopt_string(zmq.LAST_ENDPOINT),
+            "subscribe": self.xpub.getsockopt_string(zmq.LAST_ENDPOINT),
+            "snapshot": self.router.getsockopt_string(zmq.LAST_ENDPOINT),
+        }
+
+    def _start_authenticator(self, curve_dir: Path) -> None:
+        from zmq.auth.thread import ThreadAuthenticator
+
+        authorized = curve_dir / "authorized"
+        if not (curve_dir / "server.key_secret").is_file():
+            raise FileNotFoundError(f"no server.key_secret in {curve_dir} (run: trainbus keys init {curve_dir})")
+        if not authorized.is_dir():
+            raise FileNotFoundError(f"no authorized/ directory in {curve_dir} (run: trainbus keys init {curve_dir})")
+        self._auth = ThreadAuthenticator(self._ctx, log=logging.getLogger("trainbus.daemon.auth"))
+        self._auth.start()
+        self._authorized_dir = authorized
+        self._reload_authorized(force=True)
+
+    def _reload_authorized(self, force: bool = False) -> None:
+        """Admit the public keys now in authorized/ (checked each stats tick, so keys
+        dropped in while the daemon runs take effect without a restart)."""
+        if self._auth is None or self._authorized_dir is None:
+            return
+        mtime = self._authorized_dir.stat().st_mtime
+        if force or mtime != self._authorized_mtime:
+            self._authorized_mtime = mtime
+            self._auth.configure_curve(domain="*", location=str(self._authorized_dir))
+            count = len(list(self._authorized_dir.glob("*.key")))
+            log.info("CURVE on: %d authorized client key(s) in %s", count, self._authorized_dir)
+
+    def _bind(self, kind: int, endpoint: str, curve_dir: str | None) -> zmq.Socket:
+        sock = self._ctx.socket(kind)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size * 16)
+        if curve_dir:
+            transport.apply_curve_server(sock, curve_dir)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self.close()
+            raise endpoints.EndpointError(f"cannot bind {endpoint}: {exc}") from None
+        return sock
+
+    # ------------------------------------------------------------------ loop
+
+    def stop(self, *_: Any) -> None:
+        self._running = False
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.xsub, zmq.POLLIN)
+        poller.register(self.xpub, zmq.POLLIN)
+        poller.register(self.router, zmq.POLLIN)
+        next_stats = time.monotonic() + self.stats_interval
+        last_forwarded = 0
+        last_stats_time = time.monotonic()
+        while self._running:
+            try:
+                ready = dict(poller.poll(100))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    continue
+                raise
+            if self.xsub in ready:
+                self._forward()
+            if self.xpub in ready:
+                self._forward_subscriptions()
+            if self.router in ready:
+                self._serve_snapshots()
+            now = time.monotonic()
+            if now >= next_stats:
+                rate = (self.forwarded - last_forwarded) / max(now - last_stats_time, 1e-9)
+                last_forwarded, last_stats_time = self.forwarded, now
+                self._publish_stats(rate)
+                self.cache.evict_idle(now)
+                self._reload_authorized()
+                next_stats = now + self.stats_interval
+
+    def _forward(self) -> None:
+        xsub, xpub, cache = self.xsub, self.xpub, self.cache
+        max_size = self.max_msg_size
+        now = time.monotonic()
+        for _ in range(MAX_FORWARD_BATCH):
+            try:
+                frames = xsub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self._reject("bad_frame_count")
+                continue
+            topic, payload = frames
+            if len(topic) + len(payload) > max_size:
+                self._reject("too_large")
+                continue
+            if not payload or payload[0] not in _MAP_MARKERS:
+                self._reject("not_a_map")
+                continue
+            if topic not in cache:
+                try:
+                    protocol.parse_topic(topic)
+                except protocol.ProtocolError:
+                    self._reject("bad_topic")
+                    continue
+            cache.store(topic, payload, now)
+            try:
+                xpub.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            self.forwarded += 1
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+        count = self.rejected[reason]
+        if count == 1 or count % 10_000 == 0:
+            log.warning("dropped frame (%s), %d so far with this reason", reason, count)
+
+    def _forward_subscriptions(self) -> None:
+        """Read and discard subscribers' (un)subscribe messages: XPUB filters per
+        subscriber itself, and the XSUB side is already subscribed to everything."""
+        for _ in range(MAX_FORWARD_BATCH):
+            try:
+                self.xpub.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _serve_snapshots(self) -> None:
+        for _ in range(100):
+            try:
+                request = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, body = request[:1], request[1:]
+            if body and body[0] == b"":  # REQ clients add an empty delimiter frame
+                identity, body = request[:2], request[2:]
+            if not body or body[0] != b"SNAPSHOT":
+                self._send_reply(identity, [b"ERROR", b"expected SNAPSHOT request"])
+                continue
+            pairs = self.cache.snapshot(body[1:])
+            reply = [b"SNAPSHOT", str(len(pairs)).encode()]
+            for topic, payload in pairs:
+                reply.append(topic)
+                reply.append(payload)
+            self._send_reply(identity, reply)
+            self.snapshots_served += 1
+
+    def _send_reply(self, identity: list[bytes], reply: list[bytes]) -> None:
+        try:
+            self.router.send_multipart(identity + reply, zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.rejected["snapshot_reply_failed"] += 1
+
+    def _publish_stats(self, rate: float) -> None:
+        payload = {
+            "v": protocol.PROTOCOL_VERSION, "type": protocol.BUS_STATS, "run": "daemon",
+            "worker": protocol.ALL_WORKERS, "session": self.session, "seq": self._stats_seq,
+            "ts": time.time(), "uptime_s": time.monotonic() - self._started,
+            "forwarded": self.forwarded, "rejected": dict(self.rejected),
+            "streams_cached": len(self.cache), "rate_eps": rate,
+            "snapshots_served": self.snapshots_served, "streams_evicted": self.cache.evicted,
+        }
+        self._stats_seq += 1
+        frames = protocol.encode(payload)
+        self.cache.store(frames[0], frames[1], time.monotonic())
+        try:
+            self.xpub.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def close(self) -> None:
+        for name in ("xsub", "xpub", "router"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bus.cli import nonneg_int, positive_float, positive_int
+
+    parser.add_argument("--publish", metavar="EP",
+                        help=f"bind for publishers (XSUB); env {endpoints.ENV_PUBLISH}, default {endpoints.DEFAULT_PUBLISH}")
+    parser.add_argument("--subscribe", metavar="EP",
+                        help=f"bind for subscribers (XPUB); env {endpoints.ENV_SUBSCRIBE}, default {endpoints.DEFAULT_SUBSCRIBE}")
+    parser.add_argument("--snapshot", metavar="EP",
+                        help=f"bind for snapshot requests (ROUTER); env {endpoints.ENV_SNAPSHOT}, default {endpoints.DEFAULT_SNAPSHOT}")
+    parser.add_argument("--max-msg-size", metavar="BYTES", type=positive_int,
+                        default=protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                        help="drop (and count) messages larger than this (default 1 MiB)")
+    parser.add_argument("--stats-interval", metavar="S", type=positive_float, default=5.0,
+                        help="seconds between bus_stats events (default 5)")
+    parser.add_argument("--max-streams", metavar="N", type=nonneg_int, default=DEFAULT_MAX_STREAMS,
+                        help="most topics kept in the snapshot cache (default 10000)")
+    parser.add_argument("--curve", metavar="DIR",
+                        help="require CURVE on all ports: DIR/server.key_secret, admit keys in DIR/authorized/")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow binding a non-loopback address without CURVE (anyone may connect)")
+
+
+def run(args: argparse.Namespace) -> int:
+    daemon = Daemon(
+        endpoints.resolve("publish", args.publish),
+        endpoints.resolve("subscribe", args.subscribe),
+        endpoints.resolve("snapshot", args.snapshot),
+        max_msg_size=args.max_msg_size, stats_interval=args.stats_interval,
+        curve_dir=args.curve, insecure=args.insecure, max_streams=args.max_streams or 1,
+    )
+    signal.signal(signal.SIGINT, daemon.stop)
+    signal.signal(signal.SIGTERM, daemon.stop)
+    eps = daemon.endpoints
+    log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s", os.getpid(),
+             eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "")
+    # One machine-readable line on stdout, so scripts and tests can use ephemeral ports.
+    print(f"trainbus daemon ready publish={eps['publish']} subscribe={eps['subscribe']} "
+          f"snapshot={eps['snapshot']}", flush=True)
+    try:
+        daemon.serve()
+    finally:
+        daemon.close()
+        log.info("stopped: forwarded %d, rejected %s", daemon.forwarded, dict(daemon.rejected) or 0)
+    return 0
+
+
+if __name__ == "__main__":
+    from bus.cli import main
+
+    sys.exit(main(["daemon", *sys.argv[1:]]))

@@ -1,0 +1,276 @@
+"""The subscriber runtime every consumer process shares.
+
+Guarantees to the consumer on top of it:
+
+* **Validated input only.** Each message is decoded with :func:`bus.protocol.decode`; bad
+  ones are counted by reason in ``stats.rejected`` and skipped. Nothing raises on input.
+* **Late join with history.** The SUB socket subscribes first; once its connection is up
+  it asks the daemon's snapshot port for the cached last events of every stream (the
+  ZeroMQ Guide's Clone pattern) and hands those out before live events. Live events the
+  snapshot already covered are dropped by (session, type, seq). The same happens after a
+  daemon restart, so a consumer resumes without being restarted itself.
+* **Loss is visible.** Per (session, type) gaps in ``seq`` are counted; per (run, worker)
+  a new session is a restart (its seq reset is not loss).
+* **Own clock for staleness.** ``StreamState.last_received`` is this process's monotonic
+  clock, so a producer with a skewed wall clock cannot make a stream look fresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from bus import endpoints, protocol, transport
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_REQUEST = b"SNAPSHOT"
+SNAPSHOT_REPLY = b"SNAPSHOT"
+#: How long one snapshot request may take before the consumer goes on live-only.
+SNAPSHOT_TIMEOUT_MS = 1000
+#: Most messages handled per poll() call, so a flood cannot starve a consumer's redraws.
+MAX_BATCH = 5000
+#: Types a worker produces; only these make a (run, worker) stream "alive" or "restarted".
+PRODUCER_TYPES = (protocol.PPO_UPDATE, protocol.HEARTBEAT)
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What a consumer knows about one (run, worker) producer."""
+
+    run: str
+    worker: int | str
+    session: str | None = None
+    sessions_seen: int = 0
+    restarts: int = 0
+    dropped: int = 0
+    last_received: float = 0.0  # time.monotonic() on this machine
+    last_ts: float | None = None  # producer wall clock of the newest event
+    last_update: int | None = None
+    updates_received: int = 0
+
+    def age(self, now: float | None = None) -> float:
+        """Seconds since this consumer last heard from the stream (own clock)."""
+        return (time.monotonic() if now is None else now) - self.last_received
+
+
+@dataclass
+class SubscriberStats:
+    received: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    snapshot_events: int = 0
+    snapshots: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    dropped_by_type: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(self.rejected.values())
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped_by_type.values())
+
+
+def install_stop_handlers() -> threading.Event:
+    """An Event set on SIGINT/SIGTERM, so poll loops end cleanly and close their sockets."""
+    stop = threading.Event()
+
+    def _handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, _handler)
+    signal.signal(signal.SIGTERM, _handler)
+    return stop
+
+
+class Subscriber:
+    """A SUB connection to the daemon with snapshot merge, validation and gap accounting."""
+
+    def __init__(self, subscribe: str | None = None, snapshot: str | None = None, *,
+                 curve_client: str | None = None, types: list[str] | None = None,
+                 run: str | None = None, worker: int | str | None = None,
+                 use_snapshot: bool = True,
+                 max_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                 rcvhwm: int = transport.SUBSCRIBER_RCVHWM) -> None:
+        self.subscribe_endpoint = endpoints.resolve("subscribe", subscribe)
+        self.snapshot_endpoint = endpoints.resolve("snapshot", snapshot) if use_snapshot else None
+        self.curve_client = endpoints.resolve_curve_client(curve_client)
+        self.types = list(types) if types else None
+        self.run = run
+        self.worker = worker
+        self.max_bytes = max_bytes
+        self.stats = SubscriberStats()
+        self.streams: dict[tuple[str, int | str], StreamState] = {}
+        self.connected = False
+        self.ever_connected = False
+        self._last_seq: dict[tuple[str, str], int] = {}
+        self._prefixes = protocol.subscription_prefixes(self.types, run, worker)
+        self._ctx = transport.context()
+        self._sock = transport.subscriber(self.subscribe_endpoint, self._prefixes,
+                                          self.curve_client, rcvhwm=rcvhwm, ctx=self._ctx)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
+        self._snapshot_due = False
+        self._closed = False
+
+    @classmethod
+    def from_args(cls, args: Any, **kwargs: Any) -> Subscriber:
+        """Build from the flags of :func:`bus.cli.add_subscriber_arguments`."""
+        return cls(getattr(args, "subscribe", None), getattr(args, "snapshot", None),
+                   curve_client=getattr(args, "curve_client", None), **kwargs)
+
+    # ------------------------------------------------------------------ polling
+
+    def poll(self, timeout_ms: int = 100) -> list[protocol.Event]:
+        """Events that arrived within ``timeout_ms`` (snapshot events first after a
+        (re)connect), validated, filtered and de-duplicated. Never busy-waits."""
+        events: list[protocol.Event] = []
+        ready = dict(self._poller.poll(timeout_ms))
+        if self._monitor in ready:
+            self._drain_monitor()
+        if self._snapshot_due:
+            self._snapshot_due = False
+            events.extend(self._fetch_snapshot())
+        if self._sock in ready or events:
+            self._drain(events)
+        return events
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                message = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if message["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if not self.connected:
+                    log.info("connected to %s", self.subscribe_endpoint)
+                self.connected = True
+                self.ever_connected = True
+                self._snapshot_due = self.snapshot_endpoint is not None
+            elif message["event"] == zmq.EVENT_DISCONNECTED:
+                if self.connected:
+                    log.warning("daemon at %s went away; waiting for it", self.subscribe_endpoint)
+                self.connected = False
+
+    def _drain(self, events: list[protocol.Event]) -> None:
+        sock = self._sock
+        for _ in range(MAX_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event = self._accept(frames)
+            if event is not None:
+                events.append(event)
+
+    def _accept(self, frames: list[bytes], from_snapshot: bool = False) -> protocol.Event | None:
+        self.stats.received += 1
+        try:
+            event = protocol.decode(frames, self.max_bytes)
+        except protocol.ProtocolError as exc:
+            self._reject(exc.reason, exc.detail)
+            return None
+        if (self.types is not None or self.run is not None or self.worker is not None) and \
+                not protocol.matches(event, self.types, self.run, self.worker):
+            return None
+        key = (event.session, event.type)
+        last = self._last_seq.get(key)
+        if last is not None and event.seq <= last:
+            self.stats.duplicates += 1
+            return None
+        self._last_seq[key] = event.seq
+        stream_key = (event.run, event.worker)
+        stream = self.streams.get(stream_key)
+        if stream is None:
+            stream = self.streams[stream_key] = StreamState(event.run, event.worker)
+        if last is not None and event.seq > last + 1:
+            gap = event.seq - last - 1
+            self.stats.dropped_by_type[event.type] += gap
+            if event.type in PRODUCER_TYPES:
+                stream.dropped += gap
+        if event.type in PRODUCER_TYPES:
+            if stream.session != event.session and last is None:
+                if stream.session is not None:
+                    stream.restarts += 1
+                    log.info("%s/%s restarted (new session %s)", event.run, event.worker, event.session)
+                stream.session = event.session
+                stream.sessions_seen += 1
+            stream.last_received = time.monotonic()
+            if stream.last_ts is None or event.ts >= stream.last_ts:
+                stream.last_ts = event.ts
+            if event.type == protocol.PPO_UPDATE:
+                stream.updates_received += 1
+                stream.last_update = event.fields.get("update")
+        self.stats.accepted += 1
+        if from_snapshot:
+            self.stats.snapshot_events += 1
+        return event
+
+    def _reject(self, reason: str, detail: str) -> None:
+        self.stats.rejected[reason] += 1
+        count = self.stats.rejected[reason]
+        if count == 1 or count % 1000 == 0:
+            log.warning("rejected message (%s%s), %d so far with this reason",
+                        reason, f": {detail}" if detail else "", count)
+
+    # ------------------------------------------------------------------ snapshot
+
+    def _fetch_snapshot(self) -> list[protocol.Event]:
+        """Ask the daemon for its cached events; on no answer, go on with live ones."""
+        assert self.snapshot_endpoint is not None
+        dealer = self._ctx.socket(zmq.DEALER)
+        dealer.linger = 0
+        if self.curve_client:
+            transport.apply_curve_client(dealer, self.curve_client)
+        events: list[protocol.Event] = []
+        try:
+            dealer.connect(self.snapshot_endpoint)
+            dealer.send_multipart([SNAPSHOT_REQUEST, *self._prefixes])
+            if not dealer.poll(SNAPSHOT_TIMEOUT_MS):
+                log.warning("no snapshot from %s within %d ms; live events only",
+                            self.snapshot_endpoint, SNAPSHOT_TIMEOUT_MS)
+                return events
+            reply = dealer.recv_multipart()
+        finally:
+            dealer.close(linger=0)
+        if len(reply) < 2 or reply[0] != SNAPSHOT_REPLY or len(reply) % 2 != 0:
+            self._reject("bad_snapshot", f"{len(reply)} frames")
+            return events
+        self.stats.snapshots += 1
+        for i in range(2, len(reply), 2):
+            event = self._accept([reply[i], reply[i + 1]], from_snapshot=True)
+            if event is not None:
+                events.append(event)
+        return events
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
