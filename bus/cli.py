@@ -183,4 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not this __main__ copy, so that exception classes
+    # raised by subcommands (which import bus.cli) are the ones caught here.
+    from bus.cli import main as _main
+
+    sys.exit(_main())

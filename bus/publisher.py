@@ -3,8 +3,9 @@ events other than a training worker's hot path (alerting, aggregator, synthetic 
 replay).
 
 Guarantee: at most once, never blocking (NOBLOCK on a PUB with a bounded SNDHWM). Each
-topic gets its own session id and ``seq`` counter, so that a consumer filtering on one run
-or worker sees a gap-free sequence and every gap it does see is real loss.
+(run, worker) gets its own session id and each topic its own ``seq`` counter, so that a
+consumer filtering on one run or worker sees a gap-free sequence (every gap it does see is
+real loss), and a worker's heartbeats share its updates' session as an emitter's do.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class EventPublisher:
         self.endpoint = endpoints.resolve("publish", publish)
         self._sock = transport.publisher(self.endpoint,
                                          endpoints.resolve_curve_client(curve_client), sndhwm=sndhwm)
-        self._streams: dict[bytes, list[Any]] = {}  # topic -> [session, next seq]
+        self._sessions: dict[tuple[str, int | str], str] = {}
+        self._next_seq: dict[bytes, int] = {}
         self.sent = 0
         self.dropped = 0
 
@@ -35,14 +37,15 @@ class EventPublisher:
         """Frames for one event: envelope added, the type's schema checked (raises
         ProtocolError on a programming error), seq advanced."""
         topic = protocol.make_topic(event_type, run, worker)
-        stream = self._streams.get(topic)
-        if stream is None:
-            stream = self._streams[topic] = [uuid.uuid4().hex[:16], 0]
+        session = self._sessions.get((run, worker))
+        if session is None:
+            session = self._sessions[(run, worker)] = uuid.uuid4().hex[:16]
+        seq = self._next_seq.get(topic, 0)
         payload = dict(fields)
         payload.update(v=protocol.PROTOCOL_VERSION, type=event_type, run=run, worker=worker,
-                       session=stream[0], seq=stream[1], ts=time.time() if ts is None else ts)
+                       session=session, seq=seq, ts=time.time() if ts is None else ts)
         protocol.validate_fields(payload, event_type)
-        stream[1] += 1
+        self._next_seq[topic] = seq + 1
         return [topic, protocol.pack(payload)]
 
     def publish(self, event_type: str, run: str, worker: int | str,

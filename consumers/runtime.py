@@ -18,8 +18,6 @@ Guarantees to the consumer on top of it:
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,8 +27,11 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from bus import endpoints, protocol, transport
+from bus.lifecycle import install_stop_handlers
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Subscriber", "StreamState", "SubscriberStats", "install_stop_handlers"]
 
 SNAPSHOT_REQUEST = b"SNAPSHOT"
 SNAPSHOT_REPLY = b"SNAPSHOT"
@@ -81,18 +82,6 @@ class SubscriberStats:
         return sum(self.dropped_by_type.values())
 
 
-def install_stop_handlers() -> threading.Event:
-    """An Event set on SIGINT/SIGTERM, so poll loops end cleanly and close their sockets."""
-    stop = threading.Event()
-
-    def _handler(signum: int, frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
-    return stop
-
-
 class Subscriber:
     """A SUB connection to the daemon with snapshot merge, validation and gap accounting."""
 
@@ -124,6 +113,7 @@ class Subscriber:
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
         self._snapshot_due = False
+        self._first_snapshot_pending = self.snapshot_endpoint is not None
         self._closed = False
 
     @classmethod
@@ -138,13 +128,25 @@ class Subscriber:
         """Events that arrived within ``timeout_ms`` (snapshot events first after a
         (re)connect), validated, filtered and de-duplicated. Never busy-waits."""
         events: list[protocol.Event] = []
-        ready = dict(self._poller.poll(timeout_ms))
-        if self._monitor in ready:
-            self._drain_monitor()
+        if self._first_snapshot_pending:
+            # Until the first snapshot is in, leave live events queued in the SUB socket:
+            # reading them first would make the (older) cached history look like duplicates.
+            if self._monitor.poll(timeout_ms):
+                self._drain_monitor()
+            if not self._snapshot_due:
+                return events
+            live_ready = True
+        else:
+            ready = dict(self._poller.poll(timeout_ms))
+            if self._monitor in ready:
+                self._drain_monitor()
+            live_ready = self._sock in ready
         if self._snapshot_due:
             self._snapshot_due = False
+            self._first_snapshot_pending = False
             events.extend(self._fetch_snapshot())
-        if self._sock in ready or events:
+            live_ready = True
+        if live_ready:
             self._drain(events)
         return events
 
