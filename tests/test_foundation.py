@@ -1,0 +1,254 @@
+"""End to end foundation: emitter, daemon, publish and tail as real processes."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import statistics
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from bus import protocol
+from consumers.runtime import Subscriber
+from emitter.telemetry import TelemetryEmitter
+from tests.conftest import ppo_fields, start_daemon, trainbus_cmd, wait_for
+
+# ------------------------------------------------------------------ emitter
+
+
+def test_emitter_without_daemon_never_blocks_or_raises(tmp_path):
+    endpoint = f"ipc://{tmp_path}/nobody-listens"
+    with TelemetryEmitter("lonely", 0, endpoint, sndhwm=100) as emitter:
+        durations = []
+        for update in range(3000):
+            start = time.perf_counter()
+            assert emitter.emit_ppo_update(**ppo_fields(update)) in (True, False)
+            durations.append(time.perf_counter() - start)
+    # Not a benchmark (see `make bench`): a blocked send would take the socket's whole
+    # timeout (forever); microseconds-scale calls show it never waited on anyone.
+    assert statistics.median(durations) < 1e-3
+    assert emitter.sent + emitter.dropped == 3000
+
+
+@pytest.mark.parametrize("fields, error, name", [
+    ({"grad_norm": None}, TypeError, "grad_norm"),
+    ({"grad_norm": "1.0x"}, TypeError, "grad_norm"),
+    ({"update": 1.5}, TypeError, "update"),
+    ({"update": True}, TypeError, "update"),
+    ({"env_steps": -1}, ValueError, "env_steps"),
+    ({"seq": 3}, ValueError, "seq"),
+    ({"explained_variance": "high"}, TypeError, "explained_variance"),
+])
+def test_emitter_rejects_bad_fields_on_the_callers_side(tmp_path, fields, error, name):
+    with TelemetryEmitter("r", 0, f"ipc://{tmp_path}/x", heartbeat_interval=None) as emitter, \
+            pytest.raises(error, match=name):
+        emitter.emit_ppo_update(**{**ppo_fields(), **fields})
+
+
+def test_emitter_names_a_missing_required_field(tmp_path):
+    fields = ppo_fields()
+    del fields["approx_kl"]
+    with TelemetryEmitter("r", 0, f"ipc://{tmp_path}/x", heartbeat_interval=None) as emitter, \
+            pytest.raises(TypeError, match="approx_kl"):
+        emitter.emit_ppo_update(**fields)
+
+
+def test_emitter_rejects_bad_run_and_worker(tmp_path):
+    with pytest.raises(protocol.ProtocolError):
+        TelemetryEmitter("bad run!", 0, f"ipc://{tmp_path}/x")
+    with pytest.raises(protocol.ProtocolError):
+        TelemetryEmitter("r", -2, f"ipc://{tmp_path}/x")
+
+
+def _collect(sub: Subscriber, want: int, timeout: float = 10.0) -> list[protocol.Event]:
+    got: list[protocol.Event] = []
+    wait_for(lambda: got.extend(sub.poll(50)) or len(got) >= want, timeout,
+             message=f"{want} events")
+    return got
+
+
+def _emit_in_child(publish: str, worker: int) -> None:
+    with TelemetryEmitter("children", worker, publish, heartbeat_interval=None) as emitter:
+        emitter.wait_for_bus(10)
+        for update in range(5):
+            emitter.emit_ppo_update(**ppo_fields(update))
+
+
+@pytest.mark.parametrize("method", ["spawn", "fork"])
+def test_emitter_created_in_a_child_process(daemon, method):
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["ppo_update"], run="children") as sub:
+        wait_for(lambda: sub.poll(20) is not None and sub.connected, 10, message="connection")
+        child = multiprocessing.get_context(method).Process(target=_emit_in_child,
+                                                            args=(daemon.publish, 7))
+        child.start()
+        try:
+            got = _collect(sub, 5)
+        finally:
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+        assert child.exitcode == 0
+        assert [e.get("update") for e in got] == list(range(5))
+        assert {e.worker for e in got} == {7}
+
+
+def test_emitter_inherited_through_fork_reopens_as_a_new_session(daemon):
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["ppo_update"]) as sub, \
+            TelemetryEmitter("forked", 0, daemon.publish, heartbeat_interval=None) as emitter:
+        assert emitter.wait_for_bus(10)
+        wait_for(lambda: sub.poll(20) is not None and sub.connected, 10, message="connection")
+        emitter.emit_ppo_update(**ppo_fields(0))
+        parent_session = emitter.session
+        pid = os.fork()
+        if pid == 0:  # child: the inherited emitter must reopen on its own Context
+            code = 1
+            try:
+                emitter.emit_ppo_update(**ppo_fields(1))  # reopens; may be dropped (not connected yet)
+                code = 0 if emitter.wait_for_bus(10) and emitter.emit_ppo_update(**ppo_fields(2)) else 1
+                emitter.close()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        got = _collect(sub, 2)
+        sessions = {e.session for e in got}
+        assert parent_session in sessions and len(sessions) == 2
+        assert any(e.get("update") == 2 and e.session != parent_session for e in got)
+
+
+def test_heartbeats_while_alive(daemon):
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["heartbeat"]) as sub, \
+            TelemetryEmitter("beating", 2, daemon.publish, heartbeat_interval=0.1) as emitter:
+        got = _collect(sub, 3)
+        assert {e.worker for e in got} == {2}
+        assert all(e.get("interval_s") == pytest.approx(0.1) for e in got)
+        assert got[0].session == emitter.session
+
+
+# ------------------------------------------------------------------ publish + tail
+
+
+def test_publishers_to_tail_every_event_accounted_for(procs, daemon):
+    count, workers = 40, 2
+    tail = procs.start(trainbus_cmd("tail", "--json", "--count", str(3 * count * workers),
+                                    "--timeout", "30"), env=daemon.env)
+    tail.stderr.wait_for_line("connected to", 10)
+    for index in range(3):
+        procs.start(trainbus_cmd("publish", "--run", f"run{index}", "--workers", str(workers),
+                                 "--rate", "200", "--count", str(count)), env=daemon.env)
+    assert tail.wait(timeout=40) == 0, tail.stderr.text()
+    events = [json.loads(line) for line in tail.stdout.snapshot()]
+    assert len(events) == 3 * count * workers
+    seqs: dict[tuple[str, int], list[int]] = {}
+    for event in events:
+        assert event["type"] == "ppo_update" and isinstance(event["grad_norm"], float)
+        seqs.setdefault((event["run"], event["worker"]), []).append(event["seq"])
+    assert len(seqs) == 3 * workers
+    assert all(s == list(range(count)) for s in seqs.values())
+
+
+def test_tail_json_renders_nan_for_jq(procs, daemon):
+    tail = procs.start(trainbus_cmd("tail", "--json", "--count", "25", "--timeout", "30"),
+                       env=daemon.env)
+    tail.stderr.wait_for_line("connected to", 10)
+    procs.start(trainbus_cmd("publish", "--pattern", "nan", "--rate", "500", "--count", "25"),
+                env=daemon.env)
+    assert tail.wait(timeout=30) == 0
+    grads = [json.loads(line)["grad_norm"] for line in tail.stdout.snapshot()]
+    assert grads[20:] == ["nan"] * 5
+    assert all(isinstance(g, float) and math.isfinite(g) for g in grads[:20])
+
+
+def test_tail_history_prints_cached_events_first(procs, daemon):
+    publisher = procs.start(trainbus_cmd("publish", "--run", "hist", "--rate", "400", "--count", "30"),
+                            env=daemon.env)
+    assert publisher.wait(timeout=30) == 0
+    tail = procs.start(trainbus_cmd("tail", "--history", "--json", "--count", "10",
+                                    "--timeout", "20"), env=daemon.env)
+    assert tail.wait(timeout=30) == 0, tail.stderr.text()
+    assert [json.loads(line)["update"] for line in tail.stdout.snapshot()] == list(range(20, 30))
+
+
+def test_tail_times_out_with_a_message_and_nonzero_exit(procs, tmp_path):
+    tail = procs.start(trainbus_cmd("tail", "--subscribe", f"ipc://{tmp_path}/none",
+                                    "--count", "1", "--timeout", "0.5"))
+    assert tail.wait(timeout=10) == 1
+    assert "timed out" in tail.stderr.text()
+
+
+def test_tail_counts_and_reports_malformed_messages(procs, daemon):
+    tail = procs.start(trainbus_cmd("tail", "--json", "--count", "3", "--timeout", "20"),
+                       env=daemon.env)
+    tail.stderr.wait_for_line("connected to", 10)
+    sock = zmq.Context.instance().socket(zmq.XPUB)
+    sock.linger = 1000
+    try:
+        sock.connect(daemon.publish)
+        assert sock.poll(10_000)  # the daemon's subscription has arrived
+        sock.recv()
+        good = protocol.encode({**ppo_fields(0), "v": 1, "type": "ppo_update", "run": "g",
+                                "worker": 0, "session": "s", "seq": 0, "ts": time.time()})
+        sock.send_multipart([b"ppo_update/g/0", msgpack.packb({"v": 1, "type": "ppo_update"})])
+        sock.send_multipart([b"ppo_update/g/0", msgpack.packb({"v": 9})])
+        for seq in range(3):
+            payload = msgpack.unpackb(good[1])
+            payload["seq"] = seq
+            sock.send_multipart([good[0], msgpack.packb(payload)])
+    finally:
+        sock.close()
+    assert tail.wait(timeout=20) == 0
+    assert len(tail.stdout.snapshot()) == 3
+    assert "skipped 2 malformed" in tail.stderr.text()
+
+
+# ------------------------------------------------------------------ CLI and daemon
+
+
+@pytest.mark.parametrize("args", [
+    ["tail", "--count", "zero"],
+    ["tail", "--count", "0"],
+    ["tail", "--type", "nosuch"],
+    ["publish", "--pattern", "weird"],
+    ["publish", "--rate", "-1"],
+    ["publish", "--run", "has space"],
+    ["daemon", "--max-msg-size", "0"],
+    ["nosuchcommand"],
+    [],
+])
+def test_cli_misuse_is_one_line_and_nonzero(procs, args):
+    proc = procs.start(trainbus_cmd(*args))
+    assert proc.wait(timeout=20) == 2
+    if args:
+        lines = [line for line in proc.stderr.snapshot() if line.strip()]
+        assert len(lines) == 1 and "error:" in lines[0], lines
+
+
+def test_daemon_refuses_non_loopback_without_curve(procs):
+    proc = procs.start(trainbus_cmd("daemon", "--publish", "tcp://0.0.0.0:*",
+                                    "--subscribe", "tcp://127.0.0.1:*", "--snapshot", "tcp://127.0.0.1:*"))
+    assert proc.wait(timeout=20) == 1
+    assert "refusing to bind tcp://0.0.0.0:*" in proc.stderr.text()
+    assert "Traceback" not in proc.stderr.text()
+
+
+def test_daemon_sigint_exits_within_a_second(procs):
+    handle = start_daemon(procs)
+    start = time.monotonic()
+    handle.proc.signal(signal.SIGINT)
+    assert handle.proc.wait(timeout=5) == 0
+    assert time.monotonic() - start < 1.5
+
+
+def test_daemon_publishes_bus_stats(daemon):
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["bus_stats"]) as sub:
+        event = _collect(sub, 1)[0]
+        assert event.run == "daemon" and event.worker == "all"
+        assert {"uptime_s", "forwarded", "rejected", "streams_cached"} <= event.fields.keys()
