@@ -1,0 +1,370 @@
+"""The alert state machine: Prometheus rule evaluation + Alertmanager notification policy.
+
+One alert per key ``(run, worker, rule)``. A rule carries both severities, so "critical
+suppresses warning for the same key" holds by construction: the key has one severity at
+a time, and moving between them is a transition of that one alert.
+
+States and transitions (each transition is exactly one :class:`Notification`)::
+
+    inactive --breach--> pending --`for` breaching updates--> firing --past clear--> resolved
+                            \\--past clear (never fired)--> resolved, transition "cancelled"
+    firing(warning) --`for` critical updates--> firing(critical)   transition "escalated"
+    firing(critical) --past critical_clear--> firing(warning)      transition "deescalated"
+    firing --every `repeat` seconds--> reminder (same state, reminder=True)
+
+Hysteresis (Schmitt trigger): between ``clear`` and the breach level a value is "in the
+band"; it neither advances nor cancels a pending alert, neither escalates nor resolves a
+firing one. So a value wobbling around a level produces nothing new. Non-finite values
+fire at once (no pending); threshold rules ignore them, so one NaN is one alert, not two.
+
+Only firing-related notifications page (:attr:`Notification.pages`); pending and
+cancelled ones are for the bus, the log and the console, the way Prometheus shows
+pending alerts in its UI but never sends them to Alertmanager.
+
+The engine is pure: no I/O, no threads, and every method takes ``now`` (monotonic
+seconds, for ``repeat`` and silence) and optionally ``wall`` (UNIX seconds for ``since``;
+defaults to ``now``), so tests script thousands of events without sleeping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bus import protocol
+from consumers.alert_rules import Rule
+
+Key = tuple[str, int | str, str]
+
+#: Transition names (the ``transition`` extra field of alert events).
+PENDING, CANCELLED, FIRED, ESCALATED, DEESCALATED, RESOLVED, REMINDER = (
+    "pending", "cancelled", "fired", "escalated", "deescalated", "resolved", "reminder")
+
+
+class StreamLike(Protocol):
+    """What the engine reads from consumers.runtime.StreamState (duck-typed for tests)."""
+
+    last_received: float
+    dropped: int
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """One alert notification; :meth:`fields` is the ``alert`` event payload."""
+
+    run: str
+    worker: int | str
+    rule: str
+    metric: str
+    state: str  # pending | firing | resolved
+    severity: str  # warning | critical
+    since: float  # UNIX time the current state began
+    transition: str
+    at: float  # UNIX time of this notification
+    value: float | None = None
+    threshold: float | None = None
+    reminder: bool = False
+    summary: str = ""
+
+    @property
+    def pages(self) -> bool:
+        """Whether pager-style sinks (exec, webhook) get it: firing, its changes, its end."""
+        return self.transition not in (PENDING, CANCELLED)
+
+    @property
+    def key(self) -> Key:
+        return (self.run, self.worker, self.rule)
+
+    def fields(self) -> dict[str, Any]:
+        """Fields of the ``alert`` event (schema in bus.protocol, plus ``transition``)."""
+        out: dict[str, Any] = {"state": self.state, "severity": self.severity, "rule": self.rule,
+                               "metric": self.metric, "since": float(self.since),
+                               "reminder": self.reminder, "summary": self.summary,
+                               "transition": self.transition}
+        if self.value is not None:
+            out["value"] = float(self.value)
+        if self.threshold is not None:
+            out["threshold"] = float(self.threshold)
+        return out
+
+    def record(self) -> dict[str, Any]:
+        """A self-contained record (for the JSONL log and webhooks): who, when, what."""
+        return {"type": protocol.ALERT, "ts": self.at, "run": self.run, "worker": self.worker,
+                **self.fields()}
+
+    def text(self) -> str:
+        """One human line, also the Slack ``text`` field."""
+        what = "REMINDER " if self.reminder else ""
+        return (f"[{self.severity.upper()}] {what}{self.state} {self.rule} "
+                f"{self.run}/{self.worker}: {self.summary}")
+
+
+@dataclass(slots=True)
+class _Alert:
+    state: str  # pending | firing (inactive alerts are not stored)
+    severity: str
+    since: float
+    metric: str
+    value: float | None
+    count: int = 1  # breaching updates seen while pending
+    escalate: int = 0  # consecutive critical observations while firing warning
+    clean: int = 0  # consecutive cleared observations (toward clear_for)
+    last_sent: float = 0.0  # monotonic time of the last notification for this key
+
+
+@dataclass(slots=True)
+class _DropWindow:
+    seen: int = 0
+    recent: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def update(self, total: int, now: float, window: float) -> int:
+        if total > self.seen:
+            self.recent.append((now, total - self.seen))
+        self.seen = max(self.seen, total)
+        while self.recent and self.recent[0][0] <= now - window:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return f"{value:.4g}"
+
+
+class AlertEngine:
+    """Evaluates rules on updates and on ticks; returns the notifications to send."""
+
+    def __init__(self, rules: Mapping[str, Rule] | Iterable[Rule]) -> None:
+        items = tuple(rules.values()) if isinstance(rules, Mapping) else tuple(rules)
+        self.rules: dict[str, Rule] = {r.name: r for r in items if r.enabled}
+        self._threshold = tuple(r for r in self.rules.values() if r.kind == "threshold")
+        self._nonfinite = tuple(r for r in self.rules.values() if r.kind == "nonfinite")
+        self._silent = tuple(r for r in self.rules.values() if r.kind == "silent")
+        self._dropped = tuple(r for r in self.rules.values() if r.kind == "dropped")
+        self._alerts: dict[Key, _Alert] = {}
+        self._drops: dict[tuple[str, int | str, str], _DropWindow] = {}
+        self.counts: Counter[str] = Counter()
+
+    # ------------------------------------------------------------------ inputs
+
+    def observe(self, event: protocol.Event, now: float,
+                wall: float | None = None) -> list[Notification]:
+        """Evaluate one event (only ppo_update carries metrics; others are ignored)."""
+        if event.type != protocol.PPO_UPDATE:
+            return []
+        return self.observe_fields(event.run, event.worker, event.fields, now, wall)
+
+    def observe_fields(self, run: str, worker: int | str, fields: Mapping[str, Any],
+                       now: float, wall: float | None = None) -> list[Notification]:
+        """Evaluate one update's fields for (run, worker); the pure core of :meth:`observe`."""
+        wall = now if wall is None else wall
+        out: list[Notification] = []
+        update = fields.get("update")
+        for rule in self._threshold:
+            value = fields.get(rule.metric)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # absent = not measured: no evidence either way
+            value = float(value)
+            if not math.isfinite(value):
+                continue  # the nonfinite rule's business: one NaN, one alert
+            if rule.warmup and isinstance(update, int) and update < rule.warmup:
+                continue
+            self._step((run, worker, rule.name), rule, rule.level_of(value),
+                       rule.past(value, rule.clear_level),
+                       rule.past(value, rule.critical_clear_level),
+                       value, rule.metric, now, wall, out)
+        for rule in self._nonfinite:
+            bad_metric, bad_value, seen = None, None, False
+            for name in rule.metrics:
+                value = fields.get(name)
+                if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                seen = True
+                # *_count fields count non-finite elements: any is a breach.
+                breach = value > 0 if name.startswith("nonfinite_") else not math.isfinite(value)
+                if breach:
+                    bad_metric, bad_value = name, float(value)
+                    break
+            if not seen:
+                continue
+            key = (run, worker, rule.name)
+            alert = self._alerts.get(key)
+            metric = bad_metric or (alert.metric if alert else rule.metrics[0])
+            self._step(key, rule, "critical" if bad_metric else None, bad_metric is None,
+                       False, bad_value, metric, now, wall, out)
+        return out
+
+    def observe_many(self, events: Iterable[protocol.Event], now: float,
+                     wall: float | None = None, coalesce: bool = False) -> list[Notification]:
+        """Evaluate a batch. With ``coalesce`` (history replayed from the daemon's
+        snapshot), state is rebuilt but only the net change per key is notified: a NaN
+        that fired and resolved before this process started is not news."""
+        if not coalesce:
+            out: list[Notification] = []
+            for event in events:
+                out.extend(self.observe(event, now, wall))
+            return out
+        before = {key: (a.state, a.severity) for key, a in self._alerts.items()}
+        notes: list[Notification] = []
+        for event in events:
+            notes.extend(self.observe(event, now, wall))
+        last = {note.key: note for note in notes}
+        kept = []
+        for key, note in last.items():
+            alert = self._alerts.get(key)
+            if ((alert.state, alert.severity) if alert else None) != before.get(key):
+                kept.append(note)
+        for note in notes:
+            self.counts[note.transition] -= 1
+        for note in kept:
+            self.counts[note.transition] += 1
+        return kept
+
+    def tick(self, now: float, wall: float | None = None,
+             streams: Mapping[tuple[str, int | str], StreamLike] | None = None) -> list[Notification]:
+        """Time-driven evaluation: silence and loss per stream, reminders for every
+        firing alert (also those whose worker has gone quiet). Call it periodically."""
+        wall = now if wall is None else wall
+        out: list[Notification] = []
+        for (run, worker), stream in (streams or {}).items():
+            if stream.last_received > 0:
+                age = max(0.0, now - stream.last_received)
+                for rule in self._silent:
+                    self._step((run, worker, rule.name), rule, rule.level_of(age),
+                               rule.past(age, rule.clear_level),
+                               rule.past(age, rule.critical_clear_level),
+                               age, rule.metric, now, wall, out)
+            for rule in self._dropped:
+                window = self._drops.setdefault((run, worker, rule.name), _DropWindow())
+                lost = float(window.update(stream.dropped, now, rule.window))
+                self._step((run, worker, rule.name), rule, rule.level_of(lost),
+                           rule.past(lost, rule.clear_level),
+                           rule.past(lost, rule.critical_clear_level),
+                           lost, rule.metric, now, wall, out)
+        for key, alert in list(self._alerts.items()):
+            self._maybe_remind(key, alert, now, wall, out)
+        return out
+
+    # ------------------------------------------------------------------ views
+
+    def active(self) -> list[tuple[Key, str, str]]:
+        """(key, state, severity) of every pending or firing alert."""
+        return [(key, a.state, a.severity) for key, a in self._alerts.items()]
+
+    def state_of(self, run: str, worker: int | str, rule: str) -> tuple[str, str | None]:
+        alert = self._alerts.get((run, worker, rule))
+        return (alert.state, alert.severity) if alert else ("inactive", None)
+
+    # ------------------------------------------------------------------ machine
+
+    def _step(self, key: Key, rule: Rule, level: str | None, cleared: bool, crit_cleared: bool,
+              value: float | None, metric: str, now: float, wall: float,
+              out: list[Notification]) -> None:
+        """Advance one key by one observation. ``level`` is the severity this observation
+        breaches (None: none); ``cleared``/``crit_cleared``: past clear / critical_clear."""
+        need = rule.for_ if rule.kind == "threshold" else 1
+        alert = self._alerts.get(key)
+        if alert is None:
+            if level is None:
+                return
+            alert = self._alerts[key] = _Alert("pending", level, wall, metric, value)
+            if need <= 1:
+                self._fire(key, rule, alert, now, wall, out)
+            else:
+                self._emit(key, rule, alert, PENDING, now, wall, out)
+            return
+        alert.value = value
+        if level is not None:
+            alert.metric = metric
+            alert.clean = 0
+        elif cleared:
+            alert.clean += 1
+            if alert.clean >= rule.clear_for:
+                del self._alerts[key]
+                self._emit(key, rule, alert, RESOLVED if alert.state == "firing" else CANCELLED,
+                           now, wall, out)
+            return
+        else:
+            alert.clean = 0  # inside the hysteresis band: hold
+
+        if alert.state == "pending":
+            if level is not None:
+                alert.count += 1
+                alert.severity = level
+                if alert.count >= need:
+                    self._fire(key, rule, alert, now, wall, out)
+            return
+
+        if alert.severity == "warning":
+            if level == "critical":
+                alert.escalate += 1
+                if alert.escalate >= need:
+                    alert.severity, alert.since, alert.escalate = "critical", wall, 0
+                    self._emit(key, rule, alert, ESCALATED, now, wall, out)
+                    return
+            elif crit_cleared:
+                alert.escalate = 0
+        elif level != "critical" and rule.warning is not None and crit_cleared:
+            alert.severity, alert.since = "warning", wall
+            self._emit(key, rule, alert, DEESCALATED, now, wall, out)
+            return
+        self._maybe_remind(key, alert, now, wall, out)
+
+    def _fire(self, key: Key, rule: Rule, alert: _Alert, now: float, wall: float,
+              out: list[Notification]) -> None:
+        alert.state, alert.since, alert.escalate = "firing", wall, 0
+        self._emit(key, rule, alert, FIRED, now, wall, out)
+
+    def _maybe_remind(self, key: Key, alert: _Alert, now: float, wall: float,
+                      out: list[Notification]) -> None:
+        rule = self.rules[key[2]]
+        if alert.state == "firing" and rule.repeat > 0 and now - alert.last_sent >= rule.repeat:
+            self._emit(key, rule, alert, REMINDER, now, wall, out)
+
+    def _emit(self, key: Key, rule: Rule, alert: _Alert, transition: str, now: float,
+              wall: float, out: list[Notification]) -> None:
+        if transition in (RESOLVED, CANCELLED):
+            state, since, threshold = "resolved", wall, rule.clear_level
+        else:
+            state = "pending" if transition == PENDING else "firing"
+            since, threshold = alert.since, rule.level_value(alert.severity)
+        if rule.kind == "nonfinite":
+            threshold = None
+        alert.last_sent = now
+        self.counts[transition] += 1
+        out.append(Notification(
+            run=key[0], worker=key[1], rule=key[2], metric=alert.metric, state=state,
+            severity=alert.severity, since=since, transition=transition, at=wall,
+            value=alert.value, threshold=threshold, reminder=transition == REMINDER,
+            summary=_summary(rule, alert, transition, threshold)))
+
+
+def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None) -> str:
+    """A sentence a person can act on: what, how bad, compared with what, and why it matters."""
+    value = _fmt(alert.value)
+    if transition in (RESOLVED, CANCELLED):
+        if rule.kind == "nonfinite":
+            return f"values finite again for {rule.clear_for} updates ({alert.metric} was non-finite)"
+        if rule.kind == "silent":
+            return "worker is sending events again"
+        side = "below" if rule.op == ">" else "above"
+        what = "resolved" if transition == RESOLVED else "pending cancelled"
+        return f"{what}: {rule.metric} = {value}, back {side} {_fmt(threshold)}"
+    if rule.kind == "nonfinite":
+        head = f"{alert.metric} = {value}"
+    elif rule.kind == "silent":
+        head = f"no event for {alert.value or 0:.0f} s (> {_fmt(threshold)} s)"
+    elif rule.kind == "dropped":
+        head = f"{value} events lost in the last {rule.window:g} s"
+    else:
+        head = f"{rule.metric} = {value} {rule.op} {_fmt(threshold)}"
+    verb = {PENDING: "pending", ESCALATED: "escalated", DEESCALATED: "de-escalated",
+            REMINDER: "still firing"}.get(transition)
+    tail = f" ({verb})" if verb else ""
+    return f"{head}{tail}: {rule.summary}" if rule.summary else f"{head}{tail}"
