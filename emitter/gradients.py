@@ -316,8 +316,10 @@ class UpdateStats:
 
     _REDUCE = {"mean": torch.mean, "min": torch.amin, "max": torch.amax, "sum": torch.sum}
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", *, deferred: bool | None = None) -> None:
+        """``deferred``: use the sync-free clip path; None (default) = only off the CPU."""
         self.device = torch.device(device)
+        self.deferred = deferred
         self._values: dict[str, tuple[str, list[Tensor]]] = {}
 
     def add(self, name: str, value: Tensor | float, reduce: str = "mean") -> None:
@@ -334,12 +336,16 @@ class UpdateStats:
 
         Records ``pre_clip_grad_norm`` and ``grad_norm`` (post-clip) as means over the
         update's minibatches and ``nonfinite_grad_count`` as a sum. On CPU the host path
-        is used (one read, skips the multiply when nothing is clipped); elsewhere the
-        sync-free :func:`clip_grad_norm_deferred`.
+        is used (its scalar reads are plain memory reads there, and knowing the coefficient
+        lets it skip the multiply when nothing is clipped); elsewhere the sync-free
+        :func:`clip_grad_norm_deferred`, so a minibatch never waits for the device.
         """
-        params = _tensor_list(parameters) if not isinstance(parameters, Tensor) else [parameters]
-        first = next((p.grad for p in params if p.grad is not None), None)
-        if first is not None and first.device.type != "cpu":
+        params = _tensor_list(parameters)
+        deferred = self.deferred
+        if deferred is None:
+            first = next((p.grad for p in params if p.grad is not None), None)
+            deferred = first is not None and first.device.type != "cpu"
+        if deferred:
             out = clip_grad_norm_deferred(params, max_norm)
             self.add("pre_clip_grad_norm", out[0])
             self.add("grad_norm", out[1])
