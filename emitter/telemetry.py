@@ -14,6 +14,7 @@ metric name is a bug in the training script and should fail there, not in a dash
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import socket
 import threading
@@ -22,6 +23,7 @@ import uuid
 import weakref
 from typing import Any
 
+import msgpack
 import zmq
 
 from bus import endpoints, protocol, transport
@@ -35,6 +37,14 @@ _INT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "
 _OPTIONAL_INT = frozenset(k for k, v in protocol.PPO_UPDATE_OPTIONAL.items() if v == "int")
 _OPTIONAL_FLOAT = frozenset(k for k, v in protocol.PPO_UPDATE_OPTIONAL.items() if v == "float")
 _ENVELOPE = frozenset(protocol.ENVELOPE_FIELDS)
+_OPTIONAL_OR_ENVELOPE = _ENVELOPE | _OPTIONAL_INT | _OPTIONAL_FLOAT
+_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+_get_floats = operator.itemgetter(*_FLOAT_FIELDS)
+_get_ints = operator.itemgetter(*_INT_FIELDS)
+_JUST_FLOAT = {float}
+_JUST_INT = {int}
+_FLOAT_OR_NONE = {float, type(None)}
+_INT_OR_NONE = {int, type(None)}
 
 # Emitters alive in this process: a fork copies them, but their sockets belong to the
 # parent's Context, so the child must reopen before sending (checked with no syscall).
@@ -86,6 +96,10 @@ class TelemetryEmitter:
     def _open(self) -> None:
         self._sock = transport.publisher(self.endpoint, self.curve_client, sndhwm=self._sndhwm)
         self._sock.linger = self._linger_ms
+        self._envelope = {"v": protocol.PROTOCOL_VERSION, "type": protocol.PPO_UPDATE,
+                          "run": self.run, "worker": self.worker, "session": self.session}
+        # A Packer of our own (packb builds one per call); used only by the training thread.
+        self._pack = msgpack.Packer(use_bin_type=True).pack
         self._forked = False
         if self._heartbeat_interval:
             self._heartbeat_stop = threading.Event()
@@ -133,72 +147,69 @@ class TelemetryEmitter:
         allowed and carried). Optional fields may be None (= not measured). Extra fields
         are passed on as they are.
         """
-        for name in _FLOAT_FIELDS:
-            try:
-                fields[name] = float(fields[name])
-            except KeyError:
-                raise TypeError(f"emit_ppo_update() missing required field {name!r}") from None
-            except (TypeError, ValueError):
-                raise TypeError(f"emit_ppo_update() field {name!r} must be a float, "
-                                f"got {type(fields[name]).__name__}") from None
-        for name in _INT_FIELDS:
-            try:
-                value = fields[name]
-            except KeyError:
-                raise TypeError(f"emit_ppo_update() missing required field {name!r}") from None
-            if type(value) is not int:
-                fields[name] = self._as_int(name, value)
-            if fields[name] < 0:
-                raise ValueError(f"emit_ppo_update() field {name!r} must be >= 0, got {value}")
-        if not _ENVELOPE.isdisjoint(fields):
-            raise ValueError("emit_ppo_update() fields may not set envelope keys "
-                             f"{sorted(_ENVELOPE & fields.keys())}")
-        for name in _OPTIONAL_FLOAT.intersection(fields):
-            value = fields[name]
-            if value is not None and type(value) is not float:
-                try:
-                    fields[name] = float(value)
-                except (TypeError, ValueError):
-                    raise TypeError(f"emit_ppo_update() field {name!r} must be a float or None, "
-                                    f"got {type(value).__name__}") from None
-        for name in _OPTIONAL_INT.intersection(fields):
-            value = fields[name]
-            if value is not None and type(value) is not int:
-                fields[name] = self._as_int(name, value)
+        try:
+            required_floats = _get_floats(fields)
+            required_ints = _get_ints(fields)
+        except KeyError as exc:
+            raise TypeError(f"emit_ppo_update() missing required field {exc.args[0]!r}") from None
+        # Fast path: one C-level type scan; anything unusual takes the checked slow path.
+        if set(map(type, required_floats)) != _JUST_FLOAT:
+            self._coerce(fields, _FLOAT_FIELDS, float, optional=False)
+        if set(map(type, required_ints)) != _JUST_INT or min(required_ints) < 0:
+            self._coerce(fields, _INT_FIELDS, int, optional=False)
+        if not _OPTIONAL_OR_ENVELOPE.isdisjoint(fields):
+            if not _ENVELOPE.isdisjoint(fields):
+                raise ValueError("emit_ppo_update() fields may not set envelope keys "
+                                 f"{sorted(_ENVELOPE & fields.keys())}")
+            present = fields.keys() & _OPTIONAL_FLOAT
+            if present and not set(map(type, map(fields.__getitem__, present))) <= _FLOAT_OR_NONE:
+                self._coerce(fields, present, float, optional=True)
+            present = fields.keys() & _OPTIONAL_INT
+            if present and not set(map(type, map(fields.__getitem__, present))) <= _INT_OR_NONE:
+                self._coerce(fields, present, int, optional=True)
         self.last_update = fields["update"]
-        return self._send(protocol.PPO_UPDATE, self._topic, fields)
+        return self._send(self._topic, fields)
 
     @staticmethod
-    def _as_int(name: str, value: Any) -> int:
-        if isinstance(value, bool):
-            raise TypeError(f"emit_ppo_update() field {name!r} must be an int, got bool")
-        if isinstance(value, float):
-            if not value.is_integer():
-                raise TypeError(f"emit_ppo_update() field {name!r} must be an int, got {value!r}")
-            return int(value)
-        try:
-            return int(value.__index__())
-        except (AttributeError, TypeError):
-            raise TypeError(f"emit_ppo_update() field {name!r} must be an int, "
-                            f"got {type(value).__name__}") from None
+    def _coerce(fields: dict[str, Any], names: Any, kind: type, optional: bool) -> None:
+        """Slow path: convert numbers of other types (numpy, 0-d tensors, ints for floats)
+        and raise a clear error naming the field for anything else."""
+        for name in names:
+            value = fields[name]
+            if value is None and optional:
+                continue
+            what = kind.__name__ + (" or None" if optional else "")
+            if isinstance(value, bool):
+                raise TypeError(f"emit_ppo_update() field {name!r} must be {what}, got bool")
+            try:
+                if kind is float:
+                    converted: Any = float(value)
+                elif isinstance(value, float):
+                    if not value.is_integer():
+                        raise TypeError
+                    converted = int(value)
+                else:
+                    converted = int(value.__index__())
+            except (TypeError, ValueError, AttributeError):
+                raise TypeError(f"emit_ppo_update() field {name!r} must be {what}, "
+                                f"got {type(value).__name__} {value!r:.40}") from None
+            if kind is int and converted < 0:
+                raise ValueError(f"emit_ppo_update() field {name!r} must be >= 0, got {converted}")
+            fields[name] = converted
 
-    def _send(self, event_type: str, topic: bytes, fields: dict[str, Any]) -> bool:
+    def _send(self, topic: bytes, fields: dict[str, Any]) -> bool:
         if self._forked:
             self._reopen_after_fork()
         if self._closed:
             self.dropped += 1
             return False
-        fields["v"] = protocol.PROTOCOL_VERSION
-        fields["type"] = event_type
-        fields["run"] = self.run
-        fields["worker"] = self.worker
-        fields["session"] = self.session
+        fields.update(self._envelope)  # v, type, run, worker, session: one C-level update
         fields["seq"] = self._seq
         fields["ts"] = time.time()
         self._seq += 1
         try:
-            self._sock.send(topic, zmq.SNDMORE | zmq.NOBLOCK)
-            self._sock.send(protocol.pack(fields), zmq.NOBLOCK)
+            self._sock.send(topic, _SNDMORE_NOBLOCK)
+            self._sock.send(self._pack(fields), zmq.NOBLOCK)
         except zmq.ZMQError:
             self.dropped += 1
             return False
