@@ -152,6 +152,10 @@ class Rule:
         """One line for ``--help``-style listings and the README table."""
         if self.kind == "nonfinite":
             return f"{self.name}: NaN/inf in {', '.join(self.metrics)} -> critical at once"
+        if self.kind == "silent":
+            return f"{self.name}: no event for > {self.lowest_level:g} s (clear {self.clear_level:g} s)"
+        if self.kind == "dropped":
+            return f"{self.name}: > {self.lowest_level:g} events lost in {self.window:g} s"
         levels = ", ".join(f"{sev} {self.op} {lvl:g}" for sev, lvl in
                            (("warning", self.warning), ("critical", self.critical)) if lvl is not None)
         return f"{self.name}: {self.metric} {levels} (for {self.for_}, clear {self.clear_level:g})"

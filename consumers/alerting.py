@@ -1,0 +1,134 @@
+"""``trainbus alert``: a subscriber process that turns PPO health into trustworthy alerts.
+
+Loop: Subscriber.poll → AlertEngine (rules per update; silence, loss and reminders per
+tick, so a worker that stops sending is still noticed) → sinks. History replayed from
+the daemon's snapshot on (re)connect rebuilds alert state but only the net change is
+notified, so restarting this process does not re-page for incidents already over.
+
+Exit on SIGINT/SIGTERM: stop polling, flush sinks within a bounded wait, close sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from bus import endpoints, protocol
+from bus.cli import UsageError, add_subscriber_arguments, positive_float, run_name
+from consumers.alert_engine import AlertEngine
+from consumers.alert_rules import RulesError, load_rules
+from consumers.alert_sinks import (
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_WEBHOOK_TIMEOUT_S,
+    BusSink,
+    ConsoleSink,
+    Dispatcher,
+    ExecSink,
+    JsonlSink,
+    WebhookSink,
+)
+from consumers.runtime import Subscriber, install_stop_handlers
+
+log = logging.getLogger(__name__)
+
+#: Silence, loss and reminders are evaluated at least this often (seconds).
+TICK_INTERVAL_S = 0.25
+POLL_MS = 100
+#: Longest wait for pager sinks to deliver at exit.
+FLUSH_TIMEOUT_S = 3.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rules", metavar="FILE",
+                        help="TOML file overriding (by rule name) or adding rules")
+    parser.add_argument("--log", metavar="FILE", help="append every notification as a JSON line")
+    parser.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                        help="shell command run per firing/resolved notification, alert JSON on stdin")
+    parser.add_argument("--exec-timeout", type=positive_float, default=DEFAULT_EXEC_TIMEOUT_S,
+                        metavar="S", help=f"kill --exec after S seconds (default {DEFAULT_EXEC_TIMEOUT_S:g})")
+    parser.add_argument("--webhook", action="append", default=[], metavar="URL",
+                        help="POST firing/resolved notifications as JSON with a Slack-style "
+                             "'text' field (repeatable)")
+    parser.add_argument("--webhook-timeout", type=positive_float, default=DEFAULT_WEBHOOK_TIMEOUT_S,
+                        metavar="S", help=f"per-attempt timeout (default {DEFAULT_WEBHOOK_TIMEOUT_S:g})")
+    parser.add_argument("--silent-after", type=positive_float, metavar="S",
+                        help="alert when a worker sends nothing for S seconds (default 30)")
+    parser.add_argument("--run", type=run_name, metavar="R", help="only watch this run")
+    parser.add_argument("--no-publish", action="store_true",
+                        help="do not publish alert/<run>/<worker> events on the bus")
+    parser.add_argument("--list-rules", action="store_true",
+                        help="print the effective rules (after --rules) and exit")
+    add_subscriber_arguments(parser)
+    # add_publisher_arguments would redefine --curve-client; only --publish is added here.
+    parser.add_argument("--publish", metavar="EP",
+                        help=f"daemon publish side for alert events (env {endpoints.ENV_PUBLISH}, "
+                             f"default {endpoints.DEFAULT_PUBLISH})")
+
+
+def _check_url(url: str) -> str:
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--webhook: expected an http:// or https:// URL, got {url!r}")
+    return url
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        rules = load_rules(args.rules, silent_after=args.silent_after)
+    except RulesError as exc:
+        raise UsageError(str(exc)) from None
+    if args.list_rules:
+        for rule in rules.values():
+            print(rule.describe())
+        return 0
+    webhooks = [_check_url(url) for url in args.webhook]
+
+    engine = AlertEngine(rules)
+    sinks: list = [ConsoleSink()]
+    if args.log:
+        try:
+            sinks.append(JsonlSink(args.log))
+        except OSError as exc:
+            raise UsageError(f"--log: cannot open {args.log}: {exc.strerror or exc}") from None
+    publisher = None
+    if not args.no_publish:
+        from bus.publisher import EventPublisher
+
+        publisher = EventPublisher(args.publish, getattr(args, "curve_client", None))
+        sinks.append(BusSink(publisher))
+    if args.exec_cmd:
+        sinks.append(ExecSink(args.exec_cmd, timeout=args.exec_timeout))
+    for url in webhooks:
+        sinks.append(WebhookSink(url, timeout=args.webhook_timeout))
+    dispatcher = Dispatcher(sinks)
+
+    stop = install_stop_handlers()
+    sub = Subscriber.from_args(args, types=[protocol.PPO_UPDATE, protocol.HEARTBEAT], run=args.run)
+    log.info("ready: %d rules, subscribe=%s, sinks=%s", len(rules), sub.subscribe_endpoint,
+             ",".join(s.name for s in sinks))
+    next_tick = 0.0
+    try:
+        while not stop.is_set():
+            replayed_before = sub.stats.snapshot_events
+            events = sub.poll(POLL_MS)
+            now, wall = time.monotonic(), time.time()
+            notes = []
+            if events:
+                # poll() returns snapshot history first: replay it quietly, then live events.
+                replayed = sub.stats.snapshot_events - replayed_before
+                if replayed:
+                    notes += engine.observe_many(events[:replayed], now, wall, coalesce=True)
+                notes += engine.observe_many(events[replayed:], now, wall)
+            if events or now >= next_tick:
+                notes += engine.tick(now, wall, sub.streams)
+                next_tick = now + TICK_INTERVAL_S
+            for note in notes:
+                dispatcher.send(note)
+    finally:
+        dispatcher.close(FLUSH_TIMEOUT_S)
+        sub.close()
+        if publisher is not None:
+            publisher.close()
+        counts = dict(engine.counts)
+        log.info("stopped: notifications %s", counts or "none")
+    return 0
