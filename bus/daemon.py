@@ -341,6 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between bus_stats events (default 5)")
     parser.add_argument("--max-streams", metavar="N", type=nonneg_int, default=DEFAULT_MAX_STREAMS,
                         help="most topics kept in the snapshot cache (default 10000)")
+    parser.add_argument("--idle-evict", metavar="S", type=positive_float, default=DEFAULT_IDLE_EVICT_S,
+                        help="drop a topic from the snapshot cache after S seconds without events "
+                             "(default 3600)")
     parser.add_argument("--curve", metavar="DIR",
                         help="require CURVE on all ports: DIR/server.key_secret, admit keys in DIR/authorized/")
     parser.add_argument("--insecure", action="store_true",
@@ -354,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         endpoints.resolve("snapshot", args.snapshot),
         max_msg_size=args.max_msg_size, stats_interval=args.stats_interval,
         curve_dir=args.curve, insecure=args.insecure, max_streams=args.max_streams or 1,
+        idle_evict_s=args.idle_evict,
     )
     signal.signal(signal.SIGINT, daemon.stop)
     signal.signal(signal.SIGTERM, daemon.stop)
