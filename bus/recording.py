@@ -38,6 +38,7 @@ loss loses about a second, and the fsync cost never lands on every event.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -254,6 +255,11 @@ class RecordingWriter:
     def _open(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
+            try:
+                # Two recorders appending to one file would interleave torn records.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RecordingError(f"{path} is being written by another recorder") from None
             size = os.fstat(fd).st_size
             if size == 0:
                 os.write(fd, header_bytes())

@@ -66,8 +66,12 @@ def run(args: argparse.Namespace) -> int:
         writer = RecordingWriter(out, rotate_bytes=rotate_bytes)
     except RecordingError as exc:
         raise cli.UsageError(f"--out {exc}; refusing to append to it") from None
-    sub = Subscriber.from_args(args, types=args.types, run=args.run,
-                               use_snapshot=not args.no_snapshot)
+    try:
+        sub = Subscriber.from_args(args, types=args.types, run=args.run,
+                                   use_snapshot=not args.no_snapshot)
+    except BaseException:
+        writer.close()
+        raise
     announced = False
     try:
         print(f"trainbus record: writing {writer.path} from {sub.subscribe_endpoint}", flush=True)

@@ -183,3 +183,14 @@ def test_record_exits_cleanly_on_sigterm_with_everything_flushed(daemon, procs, 
     assert "5 events recorded" in recorder.stdout.text()
     reader = RecordingReader(path)
     assert len(list(reader)) == 5 and reader.result.problem is None
+
+
+def test_second_writer_on_the_same_file_is_refused(tmp_path):
+    path = tmp_path / "rec"
+    with RecordingWriter(path) as writer:
+        writer.write(1.0, _frames(0))
+        with pytest.raises(RecordingError, match="another recorder"):
+            RecordingWriter(path)
+    with RecordingWriter(path) as writer:  # free again once the first one closed
+        writer.write(2.0, _frames(1))
+    assert len(_records(path)) == 2
