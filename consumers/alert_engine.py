@@ -8,6 +8,7 @@ States and transitions (each transition is exactly one :class:`Notification`)::
 
     inactive --breach--> pending --`for` breaching updates--> firing --past clear--> resolved
                             \\--past clear (never fired)--> resolved, transition "cancelled"
+    ("past clear" = ``clear_for`` consecutive observations past the clear level)
     firing(warning) --`for` critical updates--> firing(critical)   transition "escalated"
     firing(critical) --past critical_clear--> firing(warning)      transition "deescalated"
     firing --every `repeat` seconds--> reminder (same state, reminder=True)
@@ -285,7 +286,7 @@ class AlertEngine:
             alert.clean = 0
         elif cleared:
             alert.clean += 1
-            if alert.clean >= rule.clear_for:
+            if alert.clean >= rule.clear_after:
                 del self._alerts[key]
                 self._emit(key, rule, alert, RESOLVED if alert.state == "firing" else CANCELLED,
                            now, wall, out)
@@ -350,7 +351,7 @@ def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None
     value = _fmt(alert.value)
     if transition in (RESOLVED, CANCELLED):
         if rule.kind == "nonfinite":
-            return f"values finite again for {rule.clear_for} updates ({alert.metric} was non-finite)"
+            return f"values finite again for {rule.clear_after} updates ({alert.metric} was non-finite)"
         if rule.kind == "silent":
             return "worker is sending events again"
         side = "below" if rule.op == ">" else "above"

@@ -88,7 +88,7 @@ class Rule:
     for_: int = DEFAULT_FOR
     clear: float | None = None
     critical_clear: float | None = None
-    clear_for: int = 1
+    clear_for: int | None = None
     repeat: float = DEFAULT_REPEAT_S
     warmup: int = 0
     window: float = DEFAULT_DROPPED_WINDOW_S
@@ -97,6 +97,16 @@ class Rule:
     enabled: bool = True
 
     # ------------------------------------------------------------------ levels
+
+    @property
+    def clear_after(self) -> int:
+        """Consecutive cleared observations needed to resolve: ``clear_for``, else as
+        patient to resolve as to fire (``for``) for threshold rules, 1 for the others.
+        Debouncing the way out as well as the way in is what keeps a noisy metric that
+        crosses the whole hysteresis band from paging on every crossing."""
+        if self.clear_for is not None:
+            return self.clear_for
+        return self.for_ if self.kind == "threshold" else 1
 
     @property
     def lowest_level(self) -> float | None:

@@ -76,7 +76,9 @@ def test_flapping_inside_hysteresis_band_produces_nothing_new():
     # Wobbling around the warning level, never back below clear (4.0): nothing.
     assert feed(eng, [4.9, 5.1, 4.5, 5.3, 4.1, 5.01] * 50, start=3) == []
     assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "warning")
-    resolved = feed(eng, [3.9], start=400)
+    # Resolution is debounced too: `clear_for` (default: `for` = 3) updates past clear.
+    assert feed(eng, [3.9, 3.9, 4.5, 3.9, 3.9], start=400) == []
+    resolved = feed(eng, [3.9], start=405)
     assert by(resolved) == [("resolved", "resolved", "warning")]
     assert resolved[0].threshold == pytest.approx(4.0)
 
@@ -100,7 +102,7 @@ def test_warning_then_critical_escalates_once_and_suppresses_warning():
     # ... and then it is one de-escalation, not a new warning alert.
     notes = feed(eng, [7.0] * 20, start=400)
     assert by(notes) == [("deescalated", "firing", "warning")]
-    assert by(feed(eng, [1.0], start=500)) == [("resolved", "resolved", "warning")]
+    assert by(feed(eng, [1.0] * 3, start=500)) == [("resolved", "resolved", "warning")]
 
 
 def test_straight_to_critical_fires_critical_only():
@@ -112,7 +114,16 @@ def test_straight_to_critical_fires_critical_only():
 def test_critical_resolves_directly_when_value_falls_past_clear():
     eng = engine()
     feed(eng, [50.0] * 3)
-    assert by(feed(eng, [1.0], start=10)) == [("resolved", "resolved", "critical")]
+    assert by(feed(eng, [1.0] * 3, start=10)) == [("resolved", "resolved", "critical")]
+
+
+def test_noisy_value_crossing_the_whole_band_does_not_flap():
+    eng = engine()
+    notes = feed(eng, [7.0] * 3)
+    assert by(notes)[-1] == ("fired", "firing", "warning")
+    # 7 / 1 alternating crosses warning and clear every update: still one alert, no
+    # resolve/fire storm, because resolving needs `clear_for` consecutive clean updates.
+    assert feed(eng, [1.0, 7.0] * 200, start=3) == []
 
 
 def test_nan_is_immediately_critical_and_threshold_rules_stay_quiet():
@@ -178,7 +189,7 @@ def test_vanishing_gradient_is_a_warning_only():
     notes = feed(eng, [0.001] * 20)
     assert by(notes, "grad_norm_vanishing") == [("pending", "pending", "warning"),
                                                 ("fired", "firing", "warning")]
-    assert by(feed(eng, [0.2], start=50), "grad_norm_vanishing") == [
+    assert by(feed(eng, [0.2] * 5, start=50), "grad_norm_vanishing") == [
         ("resolved", "resolved", "warning")]
 
 

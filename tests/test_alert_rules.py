@@ -76,6 +76,7 @@ critical = 300
     rules = load_rules(path)
     high = rules["grad_norm_high"]
     assert (high.warning, high.critical, high.for_, high.repeat) == (4.0, 8.0, 5, 120.0)
+    assert high.clear_after == 5  # as patient to resolve as to fire, unless clear_for is set
     assert high.clear_level == pytest.approx(3.2)  # re-derived from the new levels
     assert rules["approx_kl_high"].clear == 0.01 and rules["approx_kl_high"].warning == 0.015
     added = rules["pre_clip_high"]
@@ -100,6 +101,7 @@ def test_silent_after_flag_overrides(tmp_path):
     ("[rules.grad_norm_high]\nfor = 2.5\n", "rules.grad_norm_high.for"),
     ("[rules.grad_norm_high]\nop = \">=\"\n", "rules.grad_norm_high.op"),
     ("[rules.grad_norm_high]\nrepeat = -1\n", "rules.grad_norm_high.repeat"),
+    ("[rules.grad_norm_high]\nclear_for = 0\n", "rules.grad_norm_high.clear_for"),
     ("[rules.grad_norm_high]\nclear = 6.0\n", "rules.grad_norm_high.clear"),
     ("[rules.grad_norm_high]\ncritical = 2.0\n", "rules.grad_norm_high.critical"),
     ("[rules.grad_norm_high]\ncritical_clear = 11\n", "rules.grad_norm_high.critical_clear"),
