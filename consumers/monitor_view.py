@@ -1,0 +1,437 @@
+"""Rich renderables that draw a :class:`consumers.monitor.MonitorState`.
+
+Nothing here keeps state between frames: a frame is built from the state at draw time
+(≤ 10 Hz), so its cost depends on the number of rows, never on the event rate.
+
+Colour rules, so that the screen can be read at a glance and never contradicts an alert:
+
+* Every colour of a value comes from the shared :class:`consumers.thresholds.HealthTable`
+  (green ok, yellow warning, bold red critical; NaN/inf always bold red). Metrics without
+  thresholds (pre-clip norm, return, sps) are not coloured unless non-finite.
+* The sparkline and its trend arrow take the *health* colour of the latest grad norm; the
+  arrow only ever shows *direction*. Non-finite cells of a sparkline are a red ``×``.
+* STALE rows are dimmed: their numbers are old news.
+
+Layout adapts to the width it is given: at 80 columns the essentials (grad norm, its
+sparkline and trend, KL, clip fraction, update, age, status with restart/drop markers);
+from 110 columns pre-clip norm, entropy, explained variance, episode return and a dropped
+column; from 140 columns sps, learning rate and the producer's own timestamp.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from rich import box
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from consumers.history import sparkline_cells, trend
+from consumers.monitor import (
+    CRITICAL,
+    NAN,
+    OK,
+    STALE,
+    STATUS_RANK,
+    WAITING,
+    WARNING,
+    MonitorState,
+    Row,
+)
+
+HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
+NONFINITE_STYLE = "bold red"
+STATUS_LABEL = {WAITING: "waiting", OK: "ok", WARNING: "warning", CRITICAL: "CRITICAL",
+                NAN: "NaN", STALE: "STALE"}
+STATUS_STYLE = {WAITING: "dim", OK: "green", WARNING: "yellow", CRITICAL: "bold red",
+                NAN: "bold white on red", STALE: "bold magenta"}
+BANNER_STYLE = {
+    "WAITING": "bold black on white", "LEARNING": "bold white on green",
+    "WARNING": "bold black on yellow", "CRITICAL": "bold white on red",
+    "NaN DETECTED": "bold white on red", "STALE": "bold white on magenta",
+    "DISCONNECTED": "bold white on red",
+}
+MISSING = "–"
+#: Lines a frame needs besides worker rows (header, table head, footer, slack).
+_FIXED_LINES = 9
+MAX_ALERT_LINES = 6
+
+
+# --------------------------------------------------------------------- formatting
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A number for a cell: ``–`` when not measured, NaN/inf spelled out, huge values in
+    exponent form so a 1e12 gradient norm cannot blow the column apart."""
+    if value is None:
+        return MISSING
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -digits):
+        return f"{value:.2e}"
+    return f"{value:.{digits}f}"
+
+
+def fmt_age(seconds: float) -> str:
+    """Compact age on this process's clock: 0.3s, 12s, 4m05s, 2h10m."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def fmt_lr(value: float | None) -> str:
+    """Learning rate in 6 characters: 2.5e-4."""
+    if value is None:
+        return MISSING
+    if value == 0 or not math.isfinite(value):
+        return fmt(value)
+    mantissa, exponent = f"{value:.1e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def metric_text(state: MonitorState, metric: str, value: float | None, digits: int = 3) -> Text:
+    """A value coloured by its health (uncoloured for metrics without thresholds)."""
+    text = fmt(value, digits)
+    if value is None:
+        return Text(text, style="dim")
+    if not math.isfinite(value):
+        return Text(text, style=NONFINITE_STYLE)
+    if not state.health.for_metric(metric):
+        return Text(text)
+    return Text(text, style=HEALTH_STYLE[state.metric_health(metric, value)])
+
+
+def spark_text(state: MonitorState, row: Row, metric: str = "grad_norm") -> Text:
+    """10-cell sparkline plus trend arrow: colour = health of the latest value, arrow =
+    direction, non-finite cells red."""
+    values = row.history.values(metric)
+    style = HEALTH_STYLE[state.metric_health(metric, values[-1] if values else None)]
+    text = Text()
+    for glyph, nonfinite in sparkline_cells(values):
+        text.append(glyph, style=NONFINITE_STYLE if nonfinite else style)
+    arrow = trend(values)
+    text.append(" ")
+    text.append(arrow or " ", style=style)
+    return text
+
+
+# --------------------------------------------------------------------- columns
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """A table column; ``width`` is the widest content it normally needs (header included),
+    used to pick the richest set of columns that fits without truncating any."""
+
+    key: str
+    header: str
+    tier: int  # 0 always; 1 and 2 only when the terminal is wide enough
+    width: int
+    justify: str = "right"
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("worker", "worker", 0, 12, "left"),
+    Column("grad", "grad norm", 0, 9),
+    Column("spark", "last 10", 0, 12, "left"),
+    Column("pre", "pre-clip", 1, 8),
+    Column("kl", "KL", 0, 6),
+    Column("clip", "clip", 0, 5),
+    Column("entropy", "entropy", 1, 7),
+    Column("ev", "EV", 1, 5),
+    Column("ret", "return", 1, 6),
+    Column("sps", "sps", 2, 5),
+    Column("lr", "lr", 2, 6),
+    Column("update", "update", 0, 6),
+    Column("age", "age", 0, 5),
+    Column("ts", "sent at", 2, 8),
+    Column("dropped", "drop", 1, 4),
+    Column("status", "status", 0, 8, "left"),
+)
+#: Extra room the worker (and run name) column gets in the richer layouts.
+WORKER_WIDTH_BY_TIER = (12, 14, 20)
+
+
+def table_width(tier: int) -> int:
+    """Columns' widths plus one space either side of each (none at the table's edges)."""
+    columns = [c for c in COLUMNS if c.tier <= tier]
+    widths = [WORKER_WIDTH_BY_TIER[tier] if c.key == "worker" else c.width for c in columns]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def tier_for(width: int) -> int:
+    """The richest layout that fits ``width`` columns (the essentials at any width)."""
+    for tier in (2, 1):
+        if table_width(tier) <= width:
+            return tier
+    return 0
+
+
+def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[str, Text]:
+    status = state.row_status(row, now)
+    latest = row.history.latest
+    # Restart and (in the narrow layout) loss markers ride next to the worker id, where
+    # there is room at any width: "  3 ↻2 d15" = restarted twice, 15 events lost.
+    label = Text(f"  {row.worker}")
+    if row.restarts:
+        label.append(" ↻" + (str(row.restarts) if row.restarts > 1 else ""), style="bold cyan")
+    if row.dropped and tier == 0:
+        label.append(f" d{row.dropped}", style="yellow")
+    age = row.age(now)
+    cells = {
+        "worker": label,
+        "grad": metric_text(state, "grad_norm", latest("grad_norm"), 3),
+        "spark": spark_text(state, row),
+        "pre": metric_text(state, "pre_clip_grad_norm", latest("pre_clip_grad_norm"), 3),
+        "kl": metric_text(state, "approx_kl", latest("approx_kl"), 4),
+        "clip": metric_text(state, "clip_fraction", latest("clip_fraction"), 3),
+        "entropy": metric_text(state, "entropy", latest("entropy"), 3),
+        "ev": metric_text(state, "explained_variance", latest("explained_variance"), 2),
+        "ret": metric_text(state, "episode_return_mean", latest("episode_return_mean"), 1),
+        "sps": metric_text(state, "sps", latest("sps"), 0),
+        "lr": Text(fmt_lr(latest("lr"))),
+        "update": Text(str(row.update) if row.update is not None else MISSING),
+        "age": Text(fmt_age(age), style="bold magenta" if status == STALE else ""),
+        "ts": Text(time.strftime("%H:%M:%S", time.localtime(row.last_ts)) if row.last_ts else MISSING,
+                   style="dim"),
+        "dropped": Text(str(row.dropped) if row.dropped else "", style="yellow"),
+        "status": Text(STATUS_LABEL[status], style=STATUS_STYLE[status]),
+    }
+    return cells
+
+
+def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
+    source, summary = state.fleet(run, now)
+    metrics: dict[str, Any] = summary.get("metrics") or {}
+
+    def mean(metric: str, digits: int) -> Text:
+        entry = metrics.get(metric)
+        if not entry:
+            return Text(MISSING, style="dim")
+        text = metric_text(state, metric, entry.get("mean"), digits)
+        if entry.get("nonfinite"):
+            text = Text(f"NaN×{entry['nonfinite']}", style=NONFINITE_STYLE)
+        return text
+
+    grad = metrics.get("grad_norm") or {}
+    worst = Text()
+    if grad.get("worst_worker") is not None:
+        value = grad.get("worst_value")
+        worst.append("worst ", style="dim")
+        worst.append(f"w{grad['worst_worker']} {fmt(value, 2)}",
+                     style=HEALTH_STYLE[state.metric_health("grad_norm", value)])
+    live = int(summary.get("workers_live") or 0)
+    total = live + int(summary.get("workers_stale") or 0)
+    label = Text("Σ " + run, style="bold cyan", overflow="ellipsis", no_wrap=True)
+    return {
+        "worker": label, "grad": mean("grad_norm", 3), "spark": worst,
+        "pre": mean("pre_clip_grad_norm", 3), "kl": mean("approx_kl", 4),
+        "clip": mean("clip_fraction", 3), "entropy": mean("entropy", 3),
+        "ev": mean("explained_variance", 2), "ret": mean("episode_return_mean", 1),
+        "sps": mean("sps", 0), "lr": Text(""),
+        "update": Text(str(summary.get("updates") or 0), style="bold"),
+        "age": Text("agg" if source == "aggregator" else "", style="dim"),
+        "ts": Text(""), "dropped": Text(""),
+        "status": Text(f"{live}/{total} live", style="bold" if live == total else "bold magenta"),
+    }
+
+
+def _visible_rows(state: MonitorState, now: float, budget: int | None) -> tuple[list[Row], int]:
+    """Rows to draw: all if they fit, else the worst ``budget`` (the ones an operator must
+    see), drawn in (run, worker) order; plus how many were left out."""
+    rows = state.sorted_rows()
+    if budget is None or len(rows) <= budget:
+        return rows, 0
+    budget = max(1, budget)
+    ranked = sorted(rows, key=lambda r: -STATUS_RANK[state.row_status(r, now)])
+    keep = {id(r) for r in ranked[:budget]}
+    return [r for r in rows if id(r) in keep], len(rows) - budget
+
+
+# --------------------------------------------------------------------- the frame
+
+
+class MonitorView:
+    """One frame. ``fit_height``: leave out the healthiest rows that would not fit the
+    terminal (the live view); otherwise draw every row (``--once``, final frame)."""
+
+    def __init__(self, state: MonitorState, now: float, *, refresh_hz: float | None = None,
+                 fit_height: bool = False, wall_time: float | None = None) -> None:
+        self.state = state
+        self.now = now
+        self.refresh_hz = refresh_hz
+        self.fit_height = fit_height
+        self.wall_time = time.time() if wall_time is None else wall_time
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        state, now = self.state, self.now
+        runs = state.runs()
+        alerts = self._alerts_panel(width)
+        budget = None
+        if self.fit_height:
+            height = options.height or console.size.height
+            budget = height - _FIXED_LINES - 2 * len(runs) - (alerts_lines(state) if alerts else 0)
+        rows, hidden = _visible_rows(state, now, budget)
+        parts: list[Any] = [self._header(width)]
+        if runs:
+            parts.append(self._table(rows, runs, tier_for(width)))
+            if hidden:
+                parts.append(Text(f"  … {hidden} more worker(s) not shown (the healthiest); "
+                                  "widen or heighten the terminal, or use --run", style="dim"))
+        if alerts is not None:
+            parts.append(alerts)
+        parts.append(self._footer())
+        yield Group(*parts)
+
+    def _header(self, width: int) -> Table:
+        banner = self.state.banner(self.now)
+        left = Text()
+        left.append(f" {banner.state} ", style=BANNER_STYLE[banner.state])
+        left.append("  ")
+        counts = banner.counts
+        bits = [(f"{counts.get('live', 0)} live", "")]
+        for key, style in (("stale", "magenta"), ("NaN", "bold red"), ("critical", "red"),
+                           ("warning", "yellow")):
+            if counts.get(key):
+                bits.append((f"{counts[key]} {key}", style))
+        if counts.get("alerts"):
+            bits.append((f"{counts['alerts']} alert{'s' if counts['alerts'] > 1 else ''} firing", "red"))
+        for i, (bit, style) in enumerate(bits):
+            if i:
+                left.append(" · ", style="dim")
+            left.append(bit, style=style)
+        if banner.detail:
+            left.append(" · ", style="dim")
+            left.append(banner.detail, style="dim")
+        right = Text(f"trainbus monitor {time.strftime('%H:%M:%S', time.localtime(self.wall_time))}",
+                     style="dim")
+        grid = Table.grid(expand=True)
+        grid.add_column(ratio=1)
+        grid.add_column(justify="right", no_wrap=True)
+        grid.add_row(left, right if width >= 100 else Text(""))
+        return grid
+
+    def _table(self, rows: list[Row], runs: list[str], tier: int) -> Table:
+        columns = [c for c in COLUMNS if c.tier <= tier]
+        # SIMPLE_HEAD draws its column dividers as a space: with one space of right padding
+        # that makes the two-space gap table_width() counts.
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
+                      header_style="bold", expand=False)
+        for column in columns:
+            worker = column.key == "worker"
+            table.add_column(column.header, justify=column.justify,  # type: ignore[arg-type]
+                             min_width=None if worker else column.width,
+                             max_width=WORKER_WIDTH_BY_TIER[tier] if worker else None,
+                             no_wrap=True, overflow="ellipsis")
+        by_run: dict[str, list[Row]] = {run: [] for run in runs}
+        for row in rows:
+            by_run.setdefault(row.run, []).append(row)
+        for run in runs:
+            fleet = _fleet_cells(self.state, run, self.now)
+            run_rows = by_run.get(run, [])
+            table.add_row(*(fleet[c.key] for c in columns), end_section=not run_rows)
+            for i, row in enumerate(run_rows):
+                cells = _worker_cells(self.state, row, self.now, tier)
+                stale = self.state.row_status(row, self.now) == STALE
+                table.add_row(*(cells[c.key] for c in columns), style="dim" if stale else None,
+                              end_section=i == len(run_rows) - 1)
+        return table
+
+    def _alerts_panel(self, width: int) -> Panel | None:
+        """Firing alerts, critical first then oldest first; one line each (cut at the
+        right edge, never wrapped), the rule's summary appended when there is room."""
+        alerts = sorted(self.state.alerts.values(),
+                        key=lambda a: (a.severity != "critical", a.since))
+        if not alerts:
+            return None
+        lines: list[Text] = []
+        for alert in alerts[:MAX_ALERT_LINES]:
+            line = Text(no_wrap=True, overflow="ellipsis")
+            line.append(f"{alert.severity.upper():8}", style="bold red" if alert.severity == "critical" else "yellow")
+            line.append(f" {alert.run}/{alert.worker} ")
+            line.append(alert.rule, style="bold")
+            line.append(f" {alert.metric}={fmt(alert.value)}")
+            if alert.threshold is not None:
+                line.append(f" (limit {fmt(alert.threshold)})", style="dim")
+            line.append(f" for {fmt_age(self.wall_time - alert.since)}", style="dim")
+            if alert.summary:
+                line.append(f" — {alert.summary}", style="dim")
+            lines.append(line)
+        if len(alerts) > MAX_ALERT_LINES:
+            lines.append(Text(f"+{len(alerts) - MAX_ALERT_LINES} more", style="dim"))
+        critical = any(a.severity == "critical" for a in alerts)
+        return Panel(Group(*lines), title=f"firing alerts ({len(alerts)})", title_align="left",
+                     border_style="red" if critical else "yellow", box=box.ROUNDED,
+                     expand=True, width=min(width, max(60, max(len(t) for t in lines) + 4)))
+
+    def _footer(self) -> Text:
+        state = self.state
+        text = Text(style="dim")
+        text.append(f"{state.events_total:,} events")
+        if self.refresh_hz is not None:
+            text.append(f" · {state.rate_eps:,.0f}/s")
+        text.append(" · ")
+        text.append(f"lost {state.lost}", style="yellow" if state.lost else "")
+        text.append(" · ")
+        text.append(f"rejected {state.rejected}", style="yellow" if state.rejected else "")
+        if state.alerts:
+            pass
+        elif state.alert_events:
+            text.append(" · alerts: none firing")
+        else:
+            text.append(" · alerts: no alerting process seen")
+        if state.bus_stats is not None:
+            stats = state.bus_stats[0]
+            subs = stats.get("subscribers")
+            text.append(f" · daemon fwd {stats.get('forwarded', 0):,}"
+                        + (f", {subs} subscriber(s)" if subs is not None else ""))
+        if state.endpoint:
+            text.append(f" · {state.endpoint}")
+        if self.refresh_hz is not None:
+            text.append(f" · redraw {self.refresh_hz:g} Hz · Ctrl-C quits")
+        for line in state.log_lines:
+            text.append("\n" + line)
+        return text
+
+
+def alerts_lines(state: MonitorState) -> int:
+    """Lines the alerts panel takes (for the height budget)."""
+    shown = min(len(state.alerts), MAX_ALERT_LINES)
+    return 0 if not shown else shown + 2 + (1 if len(state.alerts) > MAX_ALERT_LINES else 0)
+
+
+def render_text(state: MonitorState, now: float, width: int = 120,
+                wall_time: float | None = None) -> str:
+    """A frame as plain text (tests, ``--once`` into a file)."""
+    console = Console(width=width, record=True, file=_NullFile(), color_system=None)
+    console.print(MonitorView(state, now, wall_time=wall_time))
+    return console.export_text()
+
+
+class _NullFile:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def iter_styles(segments: Iterable[Any]) -> Iterable[tuple[str, str]]:
+    """(text, style) pairs of rendered segments, for tests that check colours."""
+    for segment in segments:
+        if segment.text.strip():
+            yield segment.text, str(segment.style or "")
