@@ -1,0 +1,126 @@
+"""Daemon forwarding throughput, and fan-out loss, with real processes.
+
+* **Direct vs daemon.** The same publisher processes (TelemetryEmitter, as fast as they
+  can) and the same subscriber process (SUB + ``protocol.decode``, as every consumer
+  does) run once wired directly (the subscriber binds, publishers connect) and once
+  through a running daemon. Throughput is what the subscriber received per second
+  between its first and last event. Runs alternate direct/daemon and the medians are
+  compared. Each publisher sends fewer events than the queues on its path hold, so
+  nothing is dropped and the rate is the sustained forwarding rate, not a drop rate.
+* **16 publishers → daemon → 4 subscribers**, all started in sync (every subscriber has
+  seen a probe through the daemon, every publisher has seen the daemon subscribe), below
+  the high-water marks: loss counted by seq at every subscriber, expected 0.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from bench.agents import publisher_main, subscriber_main
+from bench.common import (
+    Agent,
+    DaemonProc,
+    Row,
+    agents,
+    median,
+    ratio_row,
+    running_daemon,
+    start_agent,
+    sync_subscribers,
+)
+
+
+def _one_run(daemon: DaemonProc | None, pubs: int, subs: int, per_pub: int,
+             tag: str) -> dict[str, Any]:
+    """Start ``subs`` subscribers and ``pubs`` publishers, release the publishers at once,
+    and collect what each subscriber received. ``daemon`` None = direct PUB→SUB."""
+    expected = pubs * per_pub
+    with agents() as started:
+        sub_agents: list[Agent] = []
+        for _ in range(subs):
+            # Only this run's updates: the daemon's own bus_stats are not the subject.
+            spec: dict[str, Any] = {"expected": expected, "idle_s": 3.0,
+                                    "prefixes": [f"ppo_update/{tag}/".encode()]}
+            if daemon is None:
+                spec["bind"] = True
+            else:
+                spec["endpoint"] = daemon.subscribe
+            agent = start_agent(subscriber_main, spec)
+            started.append(agent)
+            sub_agents.append(agent)
+        endpoints = [a.expect("ready") for a in sub_agents]
+        if daemon is not None:
+            sync_subscribers(daemon.publish, sub_agents)
+        target = endpoints[0] if daemon is None else daemon.publish
+        pub_agents = []
+        for i in range(pubs):
+            agent = start_agent(publisher_main, {"endpoint": target, "run": tag, "worker": i,
+                                                 "n": per_pub})
+            started.append(agent)
+            pub_agents.append(agent)
+        for agent in pub_agents:
+            if not agent.expect("ready", 60.0):
+                raise TimeoutError("a publisher never saw its subscriber")
+        t0 = time.perf_counter()
+        for agent in pub_agents:
+            agent.send("go")
+        pub_done = [a.expect("done", 120.0) for a in pub_agents]
+        sub_done = [a.expect("done", 120.0) for a in sub_agents]
+        wall = time.perf_counter() - t0
+        for agent in pub_agents:
+            agent.send("close")
+    lost = []
+    for seen in sub_done:
+        tail = sum(per_pub - 1 - last for last in seen["last_seq"].values())
+        missing_sessions = pubs - seen["sessions"]
+        lost.append(seen["gaps"] + tail + missing_sessions * per_pub)
+    return {
+        "rates": [s["received"] / s["span_s"] if s["span_s"] > 0 else 0.0 for s in sub_done],
+        "received": [s["received"] for s in sub_done],
+        "lost": lost, "expected": expected, "wall_s": wall,
+        "pub_rate": sum(p["sent"] for p in pub_done) / max(p["elapsed_s"] for p in pub_done),
+        "delivered_rate": sum(s["received"] for s in sub_done) / max(
+            max(s["last_t"] for s in sub_done) - min(s["first_t"] for s in sub_done), 1e-9),
+    }
+
+
+def run(quick: bool = False) -> list[Row]:
+    reps = 1 if quick else 3
+    pubs = 2
+    per_pub = 5_000 if quick else 20_000
+    fan_per_pub = 1_000 if quick else 5_000
+    direct: list[float] = []
+    via: list[float] = []
+    losses_direct: list[int] = []
+    losses_via: list[int] = []
+    with running_daemon() as daemon:
+        for rep in range(reps):
+            # Alternate which goes first, so drift in machine load hits both alike.
+            order = ("direct", "daemon") if rep % 2 == 0 else ("daemon", "direct")
+            for mode in order:
+                result = _one_run(None if mode == "direct" else daemon, pubs, 1, per_pub,
+                                  f"tp-{mode}-{rep}")
+                (direct if mode == "direct" else via).append(result["rates"][0])
+                (losses_direct if mode == "direct" else losses_via).append(result["lost"][0])
+        fan = _one_run(daemon, 16, 4, fan_per_pub, "fanout")
+
+    rows = [ratio_row(
+        "daemon throughput", median(via), "ev/s", "direct PUB->SUB", median(direct),
+        min_ratio=0.9,
+        note=f"{pubs} publisher processes (TelemetryEmitter, flat out) -> 1 subscriber process "
+             f"(decode); {per_pub} ev each; median of {reps} alternating runs "
+             f"(daemon {', '.join(f'{r:.0f}' for r in via)}; direct "
+             f"{', '.join(f'{r:.0f}' for r in direct)}); lost: daemon {losses_via}, "
+             f"direct {losses_direct}")]
+    total_lost = sum(fan["lost"])
+    rows.append(Row(
+        "16 pub -> daemon -> 4 sub: loss", float(total_lost), "events", "sent x subscribers",
+        float(fan["expected"] * 4), None, "0 (below HWMs, started in sync)", total_lost == 0,
+        note=f"{fan_per_pub} ev per publisher; per subscriber received {fan['received']} of "
+             f"{fan['expected']}, lost by seq {fan['lost']}"))
+    rows.append(Row(
+        "16 pub -> daemon -> 4 sub: delivered", fan["delivered_rate"], "ev/s", "", None, None,
+        "report", None,
+        note=f"sum over the 4 subscribers; publishers offered {fan['pub_rate']:.0f} ev/s"))
+    return rows
