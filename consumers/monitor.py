@@ -162,6 +162,7 @@ class MonitorState:
         """Take one event. Cheap: called up to tens of thousands of times a second."""
         self.events_total += 1
         kind = event.type
+        self.events_by_type[kind] += 1
         if kind == protocol.PPO_UPDATE or kind == protocol.HEARTBEAT:
             worker = event.worker
             if worker == protocol.ALL_WORKERS:
@@ -191,7 +192,6 @@ class MonitorState:
                 self.summaries.popitem(last=False)
         elif kind == protocol.BUS_STATS:
             self.bus_stats = (event.fields, now)
-        self.events_by_type[kind] += 1
 
     def ingest_many(self, events: Iterable[protocol.Event], now: float) -> None:
         ingest = self.ingest

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -428,10 +427,3 @@ class _NullFile:
 
     def flush(self) -> None:
         pass
-
-
-def iter_styles(segments: Iterable[Any]) -> Iterable[tuple[str, str]]:
-    """(text, style) pairs of rendered segments, for tests that check colours."""
-    for segment in segments:
-        if segment.text.strip():
-            yield segment.text, str(segment.style or "")

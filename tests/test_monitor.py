@@ -1,0 +1,326 @@
+"""The monitor: pure state, frames rendered with a recording console, and the real process."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import pytest
+from rich.console import Console
+
+from bus import protocol
+from consumers.monitor import (
+    CRITICAL,
+    MAX_ALERTS,
+    NAN,
+    OK,
+    STALE,
+    WAITING,
+    WARNING,
+    MonitorState,
+)
+from consumers.monitor_view import (
+    BANNER_STYLE,
+    MonitorView,
+    fmt,
+    fmt_age,
+    render_text,
+    table_width,
+    tier_for,
+)
+from consumers.runtime import StreamState
+from emitter.telemetry import TelemetryEmitter
+from tests.conftest import ppo_fields, ppo_payload, trainbus_cmd
+
+NOW = 1000.0
+
+
+def update(run: str = "r", worker: int | str = 0, seq: int = 0, **fields) -> protocol.Event:
+    fields.setdefault("update", seq)
+    return protocol.decode(protocol.encode(ppo_payload(run, worker, f"s{worker}", seq, **fields)))
+
+
+def other(event_type: str, run: str = "r", worker: int | str = "all", seq: int = 0,
+          **fields) -> protocol.Event:
+    payload = {"v": 1, "type": event_type, "run": run, "worker": worker, "session": "x",
+               "seq": seq, "ts": time.time(), **fields}
+    return protocol.decode(protocol.encode(payload))
+
+
+def alert(state: str, severity: str = "critical", worker: int = 1, rule: str = "grad_norm_high",
+          seq: int = 0) -> protocol.Event:
+    return other("alert", worker=worker, seq=seq, state=state, severity=severity, rule=rule,
+                 metric="grad_norm", since=time.time() - 30, value=15.3, threshold=10.0,
+                 summary="grad norm above 10")
+
+
+def connected_state(**kwargs) -> MonitorState:
+    state = MonitorState(**kwargs)
+    state.sync({}, NOW, connected=True, ever_connected=True, endpoint="tcp://127.0.0.1:1")
+    return state
+
+
+def feed(state: MonitorState, worker: int, grads: list[float], now: float = NOW, **fields) -> None:
+    for seq, grad in enumerate(grads):
+        state.ingest(update(worker=worker, seq=seq, grad_norm=grad, **fields), now)
+
+
+# --------------------------------------------------------------------- state
+
+
+def test_banner_states_worst_first():
+    state = MonitorState()
+    state.sync({}, NOW, connected=False, ever_connected=False, endpoint="tcp://x:1")
+    banner = state.banner(NOW)
+    assert banner.state == "DISCONNECTED" and "no daemon reachable" in banner.detail
+    state.sync({}, NOW, connected=False, ever_connected=True, endpoint="tcp://x:1")
+    assert "lost the daemon" in state.banner(NOW).detail
+
+    state = connected_state()
+    assert state.banner(NOW).state == "WAITING"
+    state.ingest(other("heartbeat", worker=0, interval_s=2.0), NOW)
+    assert state.banner(NOW).state == "WAITING"  # alive, but no update yet
+    feed(state, 0, [1.0, 1.1])
+    assert state.banner(NOW).state == "LEARNING"
+    feed(state, 1, [6.0])
+    assert state.banner(NOW).state == "WARNING"
+    feed(state, 2, [12.0])
+    assert state.banner(NOW).state == "CRITICAL"
+    feed(state, 3, [math.nan])
+    banner = state.banner(NOW)
+    assert banner.state == "NaN DETECTED"
+    assert banner.counts == {"live": 4, "stale": 0, "NaN": 1, "critical": 1, "warning": 1, "alerts": 0}
+    # Worker 4 went silent 6 s ago: the picture may be old news, STALE outranks the rest.
+    feed(state, 4, [1.0], now=NOW - 6)
+    assert state.banner(NOW).state == "STALE"
+    state.sync({}, NOW, connected=False, ever_connected=True)
+    assert state.banner(NOW).state == "DISCONNECTED"
+
+
+def test_row_status_and_nonfinite_sources():
+    state = connected_state()
+    feed(state, 0, [1.0])
+    feed(state, 1, [1.0], approx_kl=0.02)  # KL warning
+    feed(state, 2, [1.0], policy_loss=math.inf)  # any non-finite loss is NaN DETECTED
+    feed(state, 3, [1.0], nonfinite_grad_count=2)
+    feed(state, 4, [0.05])  # vanishing: warning
+    feed(state, 5, [1.0], explained_variance=-0.5)  # critical
+    statuses = {row.worker: state.row_status(row, NOW) for row in state.sorted_rows()}
+    assert statuses == {0: OK, 1: WARNING, 2: NAN, 3: NAN, 4: WARNING, 5: CRITICAL}
+    assert state.row_status(state.rows[("r", 0)], NOW + 5.5) == STALE
+    state.ingest(other("heartbeat", worker=9, interval_s=2.0), NOW)
+    assert state.row_status(state.rows[("r", 9)], NOW) == WAITING
+
+
+def test_firing_alerts_raise_banner_and_resolve():
+    state = connected_state()
+    feed(state, 1, [1.0])
+    state.ingest(alert("pending"), NOW)
+    assert state.alerts == {} and state.banner(NOW).state == "LEARNING"
+    state.ingest(alert("firing", seq=1), NOW)
+    assert list(state.alerts) == [("r", 1, "grad_norm_high")]
+    assert state.banner(NOW).state == "CRITICAL"
+    state.ingest(alert("firing", severity="warning", rule="kl_high", seq=2), NOW)
+    assert len(state.alerts) == 2
+    state.ingest(alert("resolved", seq=3), NOW)
+    assert list(state.alerts) == [("r", 1, "kl_high")]
+    assert state.banner(NOW).state == "WARNING"
+    assert state.alert_events == 4
+
+
+def test_sync_copies_restarts_and_drops_from_runtime():
+    state = connected_state()
+    feed(state, 0, [1.0])
+    streams = {("r", 0): StreamState("r", 0, restarts=2, dropped=7)}
+    state.sync(streams, NOW, connected=True, ever_connected=True, rejected=3, lost=7)
+    row = state.rows[("r", 0)]
+    assert (row.restarts, row.dropped, state.rejected, state.lost) == (2, 7, 3, 7)
+
+
+def test_fleet_row_local_or_from_aggregator():
+    state = connected_state()
+    feed(state, 0, [1.0, 2.0])
+    feed(state, 1, [4.0, 8.0])
+    feed(state, 2, [20.0], now=NOW - 10)  # stale: left out of the local rollup
+    source, summary = state.fleet("r", NOW)
+    assert source == "local"
+    assert summary["workers_live"] == 2 and summary["workers_stale"] == 1
+    grad = summary["metrics"]["grad_norm"]
+    assert grad["mean"] == pytest.approx(5.0) and grad["worst_worker"] == 1
+    published = {"workers_live": 3, "workers_stale": 0, "updates": 7,
+                 "metrics": {"grad_norm": {"mean": 9.0, "min": 1.0, "max": 20.0, "worst_worker": 2,
+                                           "worst_value": 20.0, "nonfinite": 0, "workers": 3}}}
+    state.ingest(other("ppo_summary", **published), NOW)
+    source, summary = state.fleet("r", NOW + 1)
+    assert source == "aggregator" and summary["metrics"]["grad_norm"]["mean"] == 9.0
+    # An aggregator that stopped talking is ignored after stale_after.
+    assert state.fleet("r", NOW + 6)[0] == "local"
+
+
+def test_memory_is_bounded():
+    state = connected_state(max_rows=50)
+    for worker in range(200):
+        state.ingest(update(worker=worker), NOW)
+    assert len(state.rows) == 50
+    assert min(w for _, w in state.rows) == 150  # the least recently heard from went first
+    for i in range(MAX_ALERTS + 10):
+        state.ingest(alert("firing", rule=f"rule{i}", seq=i), NOW)
+    assert len(state.alerts) == MAX_ALERTS
+    for seq in range(100):
+        state.ingest(update(worker=150, seq=seq), NOW)
+    assert len(state.rows[("r", 150)].history.series["grad_norm"]) == 10
+    state.sync({}, NOW + 4000, connected=True, ever_connected=True)
+    assert state.rows == {}  # forgotten after an hour of silence
+
+
+def test_filtered_and_bus_stats_events():
+    state = connected_state()
+    state.ingest(other("bus_stats", run="daemon", uptime_s=1.0, forwarded=42, rejected={},
+                       streams_cached=1, subscribers=2), NOW)
+    state.ingest(update(worker="all"), NOW)  # run-level ppo_update: no worker row
+    assert state.rows == {} and state.bus_stats is not None
+    assert state.events_by_type == {"bus_stats": 1, "ppo_update": 1}
+
+
+# --------------------------------------------------------------------- frames
+
+
+Styled = list[list[tuple[str, str]]]
+
+
+def render(state: MonitorState, width: int = 120) -> tuple[str, Styled]:
+    """The frame as text, and as lines of (segment text, style) from a recording console."""
+    console = Console(record=True, width=width, force_terminal=True, color_system="truecolor")
+    console.print(MonitorView(state, NOW, refresh_hz=4))
+    lines: Styled = [[]]
+    for segment in console._record_buffer:
+        parts = segment.text.split("\n")
+        for i, part in enumerate(parts):
+            if i:
+                lines.append([])
+            if part:
+                lines[-1].append((part, str(segment.style or "")))
+    return console.export_text(), lines
+
+
+def style_of(styled: Styled, text: str, line_with: str | None = None) -> str:
+    """Style of the first segment holding ``text`` (on the first line holding ``line_with``)."""
+    for line in styled:
+        if line_with is not None and line_with not in "".join(t for t, _ in line):
+            continue
+        for segment, style in line:
+            if text in segment:
+                return style
+    raise AssertionError(f"{text!r} not rendered")
+
+
+def test_frame_values_and_styles():
+    state = connected_state()
+    feed(state, 0, [0.5 + 0.1 * i for i in range(10)], explained_variance=0.8,
+         episode_return_mean=123.45)
+    feed(state, 1, [1.0 + 1.5 * i for i in range(9)])  # ends at 13.0: critical
+    feed(state, 2, [1.0, 2.0, math.nan])
+    text, styled = render(state, width=120)
+    assert "NaN DETECTED" in text
+    assert style_of(styled, " NaN DETECTED ") == BANNER_STYLE["NaN DETECTED"]
+    # Grad norm to 3 decimals, coloured by health.
+    assert "1.400" in text and "13.000" in text
+    assert "green" in style_of(styled, "1.400")
+    assert "red" in style_of(styled, "13.000")
+    # The sparkline and arrow carry the health colour; the arrow shows the direction.
+    assert "▁▂▃▃▄▅▆▆▇█ ↑" in text
+    assert "green" in style_of(styled, "↑", line_with="1.400")
+    assert "red" in style_of(styled, "↑", line_with="13.000")
+    assert "red" in style_of(styled, "▁", line_with="13.000")
+    # A NaN grad norm: red text and a red × in its sparkline.
+    assert "red" in style_of(styled, "×")
+    assert "red" in style_of(styled, "NaN", line_with="×")
+    assert "NaN" in text and "123.5" in text and "0.80" in text
+    assert "Σ r" in text  # the fleet row
+    assert "1 NaN" in text and "1 critical" in text
+
+
+def test_frame_learning_with_alerts_panel_and_markers():
+    state = connected_state()
+    feed(state, 0, [1.0] * 10)
+    state.ingest(alert("firing", worker=0), NOW)
+    state.sync({("r", 0): StreamState("r", 0, restarts=1, dropped=4)}, NOW,
+               connected=True, ever_connected=True)
+    text, styled = render(state, width=80)
+    assert "CRITICAL" in text  # the firing critical alert raises the banner
+    assert "firing alerts (1)" in text and "grad_norm_high" in text
+    assert "▄▄▄▄▄▄▄▄▄▄ →" in text  # flat series mid-height, arrow flat
+    assert "↻" in text and "d4" in text  # restart and drop markers at 80 columns
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_layout_is_readable_at_80_and_richer_when_wider():
+    state = connected_state()
+    feed(state, 0, [1.0, 2.0, 3.0], episode_return_mean=55.5, sps=4321.0)
+    narrow = render_text(state, NOW, width=80)
+    wide = render_text(state, NOW, width=160)
+    for line in narrow.splitlines():
+        assert len(line) <= 80
+        assert "…" not in line, line  # nothing essential truncated
+    assert "KL" in narrow and "grad norm" in narrow and "return" not in narrow
+    assert "return" in wide and "55.5" in wide and "4321" in wide and "sent at" in wide
+    assert tier_for(80) == 0 and tier_for(table_width(2)) == 2
+
+
+def test_too_many_rows_for_the_terminal_shows_the_worst():
+    state = connected_state()
+    for worker in range(40):
+        feed(state, worker, [12.0 if worker == 33 else 1.0])
+    console = Console(record=True, width=100, height=20, color_system=None)
+    console.print(MonitorView(state, NOW, fit_height=True))
+    text = console.export_text()
+    assert "more worker(s) not shown" in text
+    assert "  33" in text and "12.000" in text
+
+
+def test_formatting_helpers():
+    assert fmt(None) == "–" and fmt(math.nan) == "NaN" and fmt(-math.inf) == "-inf"
+    assert fmt(1.23456) == "1.235" and fmt(2.5e7) == "2.50e+07" and fmt(0.0) == "0.000"
+    assert fmt_age(0.5) == "0.5s" and fmt_age(-1) == "0.0s"
+    assert fmt_age(75) == "1m15s" and fmt_age(7300) == "2h01m"
+
+
+# --------------------------------------------------------------------- processes
+
+
+def test_monitor_once_end_to_end(procs, daemon):
+    with TelemetryEmitter("e2e", 0, daemon.publish, heartbeat_interval=None) as w0, \
+            TelemetryEmitter("e2e", 1, daemon.publish, heartbeat_interval=None) as w1:
+        assert w0.wait_for_bus(10) and w1.wait_for_bus(10)
+        for u in range(12):
+            w0.emit_ppo_update(**ppo_fields(u, grad_norm=1.0 + 0.01 * u))
+            w1.emit_ppo_update(**ppo_fields(u, grad_norm=math.nan if u == 11 else 2.0))
+        # A late joiner: everything it shows comes from the daemon's snapshot.
+        mon = procs.start(trainbus_cmd("monitor", "--once", "--wait", "1.5", "--width", "120"),
+                          env=daemon.env)
+        assert mon.wait(20) == 0
+    out = mon.stdout.text()
+    assert "NaN DETECTED" in out, out
+    assert "Σ e2e" in out and "1.110" in out and "NaN" in out
+    assert "2 live" in out
+
+
+def test_monitor_live_mode_stops_cleanly_on_sigterm(procs, daemon):
+    with TelemetryEmitter("live", 0, daemon.publish, heartbeat_interval=None) as w0:
+        assert w0.wait_for_bus(10)
+        for u in range(5):
+            w0.emit_ppo_update(**ppo_fields(u, grad_norm=3.25))
+        mon = procs.start(trainbus_cmd("monitor", "--refresh", "10"), env=daemon.env)
+        mon.stderr.wait_for_line("connected to", 15)
+        w0.emit_ppo_update(**ppo_fields(5, grad_norm=3.25))
+        mon.signal(signal.SIGTERM)
+        assert mon.wait(10) == 0
+    out = mon.stdout.text()  # not a terminal: Live prints the final frame only
+    assert "3.250" in out and "LEARNING" in out, out
+
+
+def test_monitor_rejects_refresh_above_10hz(procs):
+    mon = procs.start(trainbus_cmd("monitor", "--refresh", "50"))
+    assert mon.wait(10) == 2
+    assert "at most 10 Hz" in mon.stderr.text()
