@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 #: Silence, loss and reminders are evaluated at least this often (seconds).
 TICK_INTERVAL_S = 0.25
 POLL_MS = 100
+#: How long startup waits for the daemon to subscribe to our alert events.
+PUBLISH_WAIT_S = 2.0
 #: Longest wait for pager sinks to deliver at exit.
 FLUSH_TIMEOUT_S = 3.0
 
@@ -104,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
     stop = install_stop_handlers()
     sub = Subscriber.from_args(args, types=[protocol.PPO_UPDATE, protocol.HEARTBEAT], run=args.run)
+    if publisher is not None and not publisher.wait_for_bus(PUBLISH_WAIT_S):
+        # Alerts raised before the daemon's subscription arrives would be dropped by the
+        # sender's filter; without a daemon yet, go on (the other sinks still work).
+        log.warning("daemon not reachable at %s yet; alert events go out once it is",
+                    publisher.endpoint)
     log.info("ready: %d rules, subscribe=%s, sinks=%s", len(rules), sub.subscribe_endpoint,
              ",".join(s.name for s in sinks))
     next_tick = 0.0
