@@ -1,0 +1,85 @@
+"""Latency emit → consumer at 1k events/s: through the daemon vs a direct PUB→SUB link.
+
+One publisher process emits paced ppo_updates (TelemetryEmitter) carrying
+``bench_t0_ns = time.monotonic_ns()`` taken just before ``emit_ppo_update``; one
+subscriber process takes ``time.monotonic_ns()`` after ``protocol.decode``. Both read the
+same system-wide CLOCK_MONOTONIC, so each difference is a one-way latency including the
+emit, the hop(s) and the decode. Direct and daemon runs alternate; p50/p99 are taken per
+run (the first 5% of each run, connection warm-up, discarded) and the median over runs
+is reported.
+"""
+
+from __future__ import annotations
+
+from bench.agents import publisher_main, subscriber_main
+from bench.common import (
+    DaemonProc,
+    Row,
+    agents,
+    median,
+    percentile,
+    ratio_row,
+    running_daemon,
+    start_agent,
+    sync_subscribers,
+)
+
+RATE = 1000
+
+
+def _one_run(daemon: DaemonProc | None, n: int, tag: str) -> list[float]:
+    """One-way latencies in µs of ``n`` events at RATE ev/s."""
+    with agents() as started:
+        spec = {"expected": n, "idle_s": 3.0, "latency": True,
+                "prefixes": [f"ppo_update/{tag}/".encode()]}
+        if daemon is None:
+            spec["bind"] = True
+        else:
+            spec["endpoint"] = daemon.subscribe
+        sub = start_agent(subscriber_main, spec)
+        started.append(sub)
+        endpoint = sub.expect("ready")
+        if daemon is not None:
+            sync_subscribers(daemon.publish, [sub])
+        pub = start_agent(publisher_main, {
+            "endpoint": endpoint if daemon is None else daemon.publish, "run": tag,
+            "worker": 0, "n": n, "rate": RATE, "stamp": True})
+        started.append(pub)
+        if not pub.expect("ready", 60.0):
+            raise TimeoutError("publisher never saw its subscriber")
+        pub.send("go")
+        pub.expect("done", 60.0 + n / RATE)
+        seen = sub.expect("done", 30.0)
+        pub.send("close")
+    lat = [ns / 1e3 for ns in seen["latencies_ns"]]
+    return lat[len(lat) // 20:]
+
+
+def run(quick: bool = False) -> list[Row]:
+    reps = 1 if quick else 3
+    n = 1000 if quick else 3000
+    p50 = {"direct": [], "daemon": []}
+    p99 = {"direct": [], "daemon": []}
+    counts = {"direct": [], "daemon": []}
+    with running_daemon() as daemon:
+        for rep in range(reps):
+            order = ("direct", "daemon") if rep % 2 == 0 else ("daemon", "direct")
+            for mode in order:
+                lat = _one_run(None if mode == "direct" else daemon, n, f"lat-{mode}-{rep}")
+                p50[mode].append(percentile(lat, 50))
+                p99[mode].append(percentile(lat, 99))
+                counts[mode].append(len(lat))
+    d50, d99 = median(p50["daemon"]), median(p99["daemon"])
+    x50, x99 = median(p50["direct"]), median(p99["direct"])
+    runs = (f"{reps} alternating runs x {n} ev at {RATE} ev/s; per-run p50 daemon "
+            f"{', '.join(f'{v:.0f}' for v in p50['daemon'])} / direct "
+            f"{', '.join(f'{v:.0f}' for v in p50['direct'])} us")
+    rows = [
+        ratio_row("latency p50 via daemon", d50, "us", "direct PUB->SUB p50", x50, max_ratio=2.5,
+                  note=runs),
+        Row("latency p99 via daemon", d99, "us", "direct PUB->SUB p99", x99, d99 / x99,
+            "< 1000 us absolute", d99 < 1000.0,
+            note=f"per-run p99 daemon {', '.join(f'{v:.0f}' for v in p99['daemon'])} / direct "
+                 f"{', '.join(f'{v:.0f}' for v in p99['direct'])} us"),
+    ]
+    return rows
