@@ -1,0 +1,294 @@
+"""``trainbus demo``: the whole bus on one machine, with the monitor in the foreground.
+
+Starts, as subprocesses::
+
+    trainbus daemon     on tcp://127.0.0.1 with OS-chosen (ephemeral) ports
+    trainbus train      --workers N  (or `trainbus publish --workers N --rate 20` without torch)
+    trainbus aggregate  ppo_summary rollups, shown as the monitor's fleet row
+    trainbus alert      only when consumers.alerting is installed; notifications to a file
+    trainbus monitor    in the foreground, on this terminal
+
+Why ephemeral ports: a second demo, or a real daemon already on 7751-7753, must not
+collide with this one. The daemon prints its real endpoints on its ready line; they are
+handed to every child through TRAINBUS_PUBLISH/SUBSCRIBE/SNAPSHOT and printed at start, so
+other tools can attach (``TRAINBUS_SUBSCRIBE=... trainbus tail``).
+
+Why a log directory: every child's stderr (and the alert notifications) go to files in
+``--log-dir`` (default a fresh temp directory, printed at start and at exit), so nothing
+but the monitor writes to the terminal.
+
+Stopping, with no orphan: each child runs in its own session (its own process group, and
+no controlling terminal, so Ctrl-C reaches only this process, which then stops the
+children in reverse start order: monitor first so its final frame is printed, the daemon
+last so no consumer sees the bus vanish). Each gets SIGTERM; whatever is still alive after
+``STOP_GRACE_S`` gets SIGKILL, and every group is swept with SIGKILL once its leader has
+exited (catching e.g. a training worker whose parent died). On Linux the children also get SIGTERM from the
+kernel if this process dies without cleaning up (PR_SET_PDEATHSIG). The demo ends on
+Ctrl-C/SIGTERM, after ``--duration`` seconds, or when the monitor or the daemon exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+import secrets
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from bus import endpoints
+from bus.lifecycle import install_stop_handlers
+
+log = logging.getLogger("trainbus.demo")
+
+LOOPBACK_EPHEMERAL = "tcp://127.0.0.1:*"
+#: SIGTERM → SIGKILL grace per shutdown (training workers finish their update first).
+STOP_GRACE_S = 8.0
+DAEMON_READY_TIMEOUT_S = 15.0
+#: A `trainbus train` that exits this soon with an error is taken as "cannot train here".
+TRAIN_STARTUP_S = 20.0
+PUBLISH_RATE_HZ = 20.0
+_READY = re.compile(r"ready publish=(\S+) subscribe=(\S+) snapshot=(\S+)")
+
+
+def _set_pdeathsig() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the demo process dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except Exception:  # not Linux, or no libc by that name: cleanup still happens normally
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path | None
+    files: list[IO[bytes]]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Supervisor:
+    """Starts children in their own process groups and stops every one of them."""
+
+    def __init__(self, log_dir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_dir = log_dir
+        self.env = dict(os.environ if env is None else env)
+        self.children: list[Child] = []
+
+    def start(self, name: str, argv: list[str], *, stdout_to_log: bool = True,
+              stdout_path: Path | None = None) -> Child:
+        """Start ``trainbus <argv>``; stderr (and stdout unless told otherwise) to
+        ``<log_dir>/<name>.log``; ``stdout_path`` sends stdout to its own file."""
+        log_path = self.log_dir / f"{name}.log"
+        err = open(log_path, "ab")  # noqa: SIM115 (closed when the child is reaped)
+        files: list[IO[bytes]] = [err]
+        stdout: IO[bytes] | None = None
+        if stdout_path is not None:
+            stdout = open(stdout_path, "ab")  # noqa: SIM115
+            files.append(stdout)
+        elif stdout_to_log:
+            stdout = err
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "bus.cli", *argv], stdin=subprocess.DEVNULL, stdout=stdout,
+            stderr=err, env=self.env, start_new_session=True,
+            preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+        child = Child(name, popen, log_path, files)
+        self.children.append(child)
+        print(f"trainbus demo: started {name} (pid {popen.pid}), log {log_path}", file=sys.stderr, flush=True)
+        return child
+
+    def stop_all(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Stop children in reverse start order (monitor first, daemon last, so consumers
+        never see the bus vanish under them): SIGTERM, wait within one shared grace period
+        (at least a second each), then SIGKILL whatever is left in every group; reap all."""
+        deadline = time.monotonic() + grace_s
+        for child in reversed(self.children):
+            if child.alive():
+                try:
+                    child.popen.send_signal(signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                _wait(child, max(1.0, deadline - time.monotonic()))
+        for child in self.children:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # stragglers, and anything left in the group
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                child.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not die after SIGKILL", child.name, child.pid)
+            for f in child.files:
+                f.close()
+
+
+def _wait(child: Child, timeout: float) -> None:
+    try:
+        child.popen.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _wait_ready(child: Child, out_path: Path, stop: object, timeout: float) -> dict[str, str] | None:
+    """The daemon's endpoints from its ready line, or None if it died or timed out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not stop.is_set():  # type: ignore[attr-defined]
+        try:
+            match = _READY.search(out_path.read_text(errors="replace"))
+        except FileNotFoundError:
+            match = None
+        if match:
+            return {"publish": match.group(1), "subscribe": match.group(2), "snapshot": match.group(3)}
+        if not child.alive():
+            return None
+        stop.wait(0.05)  # type: ignore[attr-defined]
+    return None
+
+
+def _can_train() -> tuple[bool, str]:
+    """Whether `trainbus train` can run here (torch importable, module present)."""
+    if importlib.util.find_spec("emitter.train") is None:
+        return False, "emitter.train is not installed"
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return False, f"import torch failed ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def _alerting_available() -> bool:
+    try:
+        return importlib.util.find_spec("consumers.alerting") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bus.cli import nonneg_float, positive_float, positive_int, run_name
+
+    parser.add_argument("--workers", type=positive_int, default=2, metavar="N",
+                        help="training workers (default 2)")
+    parser.add_argument("--envs", type=positive_int, default=None, metavar="M",
+                        help="CartPole environments per worker (passed to trainbus train)")
+    parser.add_argument("--duration", type=nonneg_float, default=0.0, metavar="S",
+                        help="stop everything after S seconds (default 0: until Ctrl-C)")
+    parser.add_argument("--run", type=run_name, default=None, help="run name (default demo-<4 hex>)")
+    parser.add_argument("--source", choices=("auto", "train", "publish"), default="auto",
+                        help="auto: trainbus train if torch imports, else the synthetic publisher")
+    parser.add_argument("--pattern", default="healthy",
+                        help="with the synthetic publisher: healthy|rising|explode|nan (default healthy)")
+    parser.add_argument("--train-args", default="", metavar="ARGS",
+                        help="extra arguments for trainbus train, e.g. \"--max-grad-norm inf --explode-at 5\"")
+    parser.add_argument("--refresh", type=positive_float, default=4.0, metavar="HZ",
+                        help="monitor redraws per second (default 4)")
+    parser.add_argument("--log-dir", metavar="DIR", default=None,
+                        help="where the children's logs go (default: a new temp directory)")
+
+
+def run(args: argparse.Namespace) -> int:
+    stop = install_stop_handlers()
+    if args.log_dir:
+        log_dir = Path(args.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        log_dir = Path(tempfile.mkdtemp(prefix="trainbus-demo-"))
+    run_id = args.run or f"demo-{secrets.token_hex(2)}"
+    env = {k: v for k, v in os.environ.items()
+           if k not in (endpoints.ENV_PUBLISH, endpoints.ENV_SUBSCRIBE, endpoints.ENV_SNAPSHOT)}
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    sup = Supervisor(log_dir, env)
+    print(f"trainbus demo: logs in {log_dir}", file=sys.stderr, flush=True)
+    status = 0
+    try:
+        daemon_out = log_dir / "daemon.out"
+        daemon = sup.start("daemon", ["daemon", "--publish", LOOPBACK_EPHEMERAL, "--subscribe",
+                                      LOOPBACK_EPHEMERAL, "--snapshot", LOOPBACK_EPHEMERAL,
+                                      "--stats-interval", "2"], stdout_path=daemon_out)
+        eps = _wait_ready(daemon, daemon_out, stop, DAEMON_READY_TIMEOUT_S)
+        if eps is None:
+            if stop.is_set():
+                return 0
+            print(f"trainbus demo: error: the daemon did not start; see {daemon.log_path}", file=sys.stderr)
+            return 1
+        sup.env.update({endpoints.ENV_PUBLISH: eps["publish"], endpoints.ENV_SUBSCRIBE: eps["subscribe"],
+                        endpoints.ENV_SNAPSHOT: eps["snapshot"]})
+        print(f"trainbus demo: bus publish={eps['publish']} subscribe={eps['subscribe']} "
+              f"snapshot={eps['snapshot']}  (attach: TRAINBUS_SUBSCRIBE={eps['subscribe']} "
+              f"TRAINBUS_SNAPSHOT={eps['snapshot']} trainbus tail)", file=sys.stderr, flush=True)
+
+        use_train = args.source == "train"
+        if args.source == "auto":
+            use_train, why = _can_train()
+            if not use_train:
+                print(f"trainbus demo: note: {why}; using the synthetic publisher "
+                      "(trainbus publish) instead of PPO workers", file=sys.stderr, flush=True)
+        producer = _start_producer(sup, args, run_id, use_train)
+        producer_started = time.monotonic()
+        sup.start("aggregate", ["aggregate", "--run", run_id])
+        if _alerting_available():
+            sup.start("alert", ["alert", "--run", run_id, "--log", str(log_dir / "alerts.jsonl")])
+        else:
+            print("trainbus demo: note: consumers.alerting not installed; no alerting process",
+                  file=sys.stderr, flush=True)
+        monitor = sup.start("monitor", ["monitor", "--run", run_id, "--refresh", f"{args.refresh:g}"],
+                            stdout_to_log=False)
+
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.is_set():
+            if not monitor.alive():
+                break
+            if not daemon.alive():
+                print(f"trainbus demo: the daemon exited; see {daemon.log_path}", file=sys.stderr)
+                status = 1
+                break
+            if use_train and not producer.alive() and producer.popen.returncode != 0 \
+                    and time.monotonic() - producer_started < TRAIN_STARTUP_S:
+                # Training could not start here after all: keep the demo alive with the
+                # synthetic publisher, and say so.
+                print(f"trainbus demo: note: trainbus train exited ({producer.popen.returncode}); "
+                      f"see {producer.log_path}; switching to the synthetic publisher",
+                      file=sys.stderr, flush=True)
+                use_train = False
+                producer = _start_producer(sup, args, run_id, use_train=False)
+            wait_s = 0.1
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                wait_s = min(wait_s, remaining)
+            stop.wait(wait_s)
+    finally:
+        sup.stop_all()
+        print(f"trainbus demo: stopped {len(sup.children)} process(es); logs in {log_dir}",
+              file=sys.stderr, flush=True)
+    return status
+
+
+def _start_producer(sup: Supervisor, args: argparse.Namespace, run_id: str, use_train: bool) -> Child:
+    if use_train:
+        argv = ["train", "--workers", str(args.workers), "--run", run_id]
+        if args.envs is not None:
+            argv += ["--envs", str(args.envs)]
+        argv += shlex.split(args.train_args)
+        return sup.start("train", argv)
+    return sup.start("publish", ["publish", "--workers", str(args.workers), "--rate",
+                                 f"{PUBLISH_RATE_HZ:g}", "--run", run_id, "--pattern", args.pattern])
