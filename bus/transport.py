@@ -88,8 +88,12 @@ def publisher(endpoint: str, curve_dir: str | Path | None = None,
 
 def subscriber(endpoint: str, prefixes: list[bytes] | None = None,
                curve_dir: str | Path | None = None, rcvhwm: int = SUBSCRIBER_RCVHWM,
-               ctx: zmq.Context | None = None) -> zmq.Socket:
-    """A SUB socket connected to the daemon's subscribe side, subscribed to ``prefixes``."""
+               ctx: zmq.Context | None = None, connect: bool = True) -> zmq.Socket:
+    """A SUB socket connected to the daemon's subscribe side, subscribed to ``prefixes``.
+
+    ``connect=False`` leaves the connect to the caller: one that watches connection events
+    must attach its monitor first, or a fast handshake is over before anyone listens.
+    """
     sock = (ctx or context()).socket(zmq.SUB)
     _common(sock)
     sock.rcvhwm = rcvhwm
@@ -97,7 +101,8 @@ def subscriber(endpoint: str, prefixes: list[bytes] | None = None,
         apply_curve_client(sock, curve_dir)
     for prefix in prefixes if prefixes is not None else [b""]:
         sock.setsockopt(zmq.SUBSCRIBE, prefix)
-    sock.connect(endpoint)
+    if connect:
+        sock.connect(endpoint)
     return sock
 
 

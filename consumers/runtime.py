@@ -106,9 +106,14 @@ class Subscriber:
         self._prefixes = protocol.subscription_prefixes(self.types, run, worker)
         self._ctx = transport.context()
         self._sock = transport.subscriber(self.subscribe_endpoint, self._prefixes,
-                                          self.curve_client, rcvhwm=rcvhwm, ctx=self._ctx)
+                                          self.curve_client, rcvhwm=rcvhwm, ctx=self._ctx,
+                                          connect=False)
+        # Monitor first, connect second: the snapshot (and, until it is in, every live
+        # read) waits for HANDSHAKE_SUCCEEDED, so a handshake finished before the monitor
+        # was attached would leave this consumer silent for ever.
         self._monitor = self._sock.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._sock.connect(self.subscribe_endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)

@@ -204,3 +204,25 @@ def _rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def test_subscriber_never_misses_its_first_handshake(daemon, monkeypatch) -> None:
+    """Regression: the Subscriber waits for HANDSHAKE_SUCCEEDED before its first snapshot
+    and first live read. Its monitor used to be attached after connect(), so a handshake
+    that finished in between (a busy machine, a daemon already up) left the consumer
+    silent for ever. Widen that window on purpose: it must still get the stream."""
+    from consumers import runtime
+
+    real_subscriber = runtime.transport.subscriber
+
+    def slow_subscriber(*args, **kwargs):
+        sock = real_subscriber(*args, **kwargs)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:  # let any handshake complete right here
+            sock.poll(10)
+        return sock
+
+    monkeypatch.setattr(runtime.transport, "subscriber", slow_subscriber)
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["bus_stats"]) as sub:
+        poll_until(sub, lambda g: len(g) >= 2, 5, "bus_stats through a slow-starting Subscriber")
+        assert sub.connected
