@@ -8,6 +8,9 @@ and ``bus/`` is the package both sides may import.
 
 from __future__ import annotations
 
+import multiprocessing.util
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +28,31 @@ RECONNECT_IVL_MS = 100
 RECONNECT_IVL_MAX_MS = 1000
 
 
+_exit_flush_pid: int | None = None
+
+
 def context() -> zmq.Context:
     """The process's single Context (pyzmq makes a fresh one in a forked child)."""
-    return zmq.Context.instance()
+    global _exit_flush_pid
+    ctx = zmq.Context.instance()
+    if _exit_flush_pid != os.getpid():
+        _exit_flush_pid = os.getpid()
+        # A multiprocessing child started with fork ends in os._exit, which skips the
+        # Context teardown that normally lets closed sockets deliver their last messages
+        # (up to their LINGER). Its exit hook still runs Finalize callbacks: flush there.
+        multiprocessing.util.Finalize(None, _flush_on_exit, args=(ctx,), exitpriority=-100)
+    return ctx
+
+
+def _flush_on_exit(ctx: zmq.Context) -> None:
+    """Terminate the Context (delivering what closed sockets still hold, within their
+    LINGER) from a helper thread, waiting a bounded time: a socket left open would make
+    term() wait forever, and exiting must never hang on telemetry."""
+    if ctx.closed:
+        return
+    worker = threading.Thread(target=ctx.term, name="trainbus-flush", daemon=True)
+    worker.start()
+    worker.join(timeout=(DEFAULT_LINGER_MS + 300) / 1000)
 
 
 class KeyFileError(FileNotFoundError):
