@@ -129,11 +129,19 @@ def _types(args: argparse.Namespace) -> list[str] | None:
 
 
 def _tail_file(args: argparse.Namespace, printer: Printer) -> int:
-    from bus.recording import iter_recording
+    from bus.recording import RecordingError, iter_recording
 
     types = _types(args)
     rejected = 0
-    for _, frames in iter_recording(args.file):
+    records = iter_recording(args.file)
+    while True:
+        try:
+            _, frames = next(records)
+        except StopIteration:
+            break
+        except RecordingError as exc:
+            print(f"trainbus tail: error: {exc}", file=sys.stderr)
+            return 1
         try:
             event = protocol.decode(frames)
         except protocol.ProtocolError:

@@ -252,3 +252,12 @@ def test_daemon_publishes_bus_stats(daemon):
         event = _collect(sub, 1)[0]
         assert event.run == "daemon" and event.worker == "all"
         assert {"uptime_s", "forwarded", "rejected", "streams_cached"} <= event.fields.keys()
+
+
+def test_tail_file_that_is_not_a_recording_is_one_line_exit_1(procs, tmp_path):
+    bogus = tmp_path / "bogus.rec"
+    bogus.write_bytes(b"not a recording at all")
+    proc = procs.start(trainbus_cmd("tail", "--file", str(bogus)))
+    assert proc.wait(timeout=20) == 1
+    lines = [line for line in proc.stderr.snapshot() if line.strip()]
+    assert len(lines) == 1 and "not a trainbus recording" in lines[0]
