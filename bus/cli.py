@@ -117,6 +117,13 @@ def add_publisher_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of every process that publishes into the daemon."""
     parser.add_argument("--publish", metavar="EP",
                         help=f"daemon publish side (env {endpoints.ENV_PUBLISH}, default {endpoints.DEFAULT_PUBLISH})")
+    _add_curve_client(parser)
+
+
+def _add_curve_client(parser: argparse.ArgumentParser) -> None:
+    """--curve-client once, whether a process publishes, subscribes or both."""
+    if "--curve-client" in parser._option_string_actions:
+        return
     parser.add_argument("--curve-client", metavar="DIR",
                         help=f"directory with client.key_secret and server.key (env {endpoints.ENV_CURVE_CLIENT})")
 
@@ -127,8 +134,7 @@ def add_subscriber_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"daemon subscribe side (env {endpoints.ENV_SUBSCRIBE}, default {endpoints.DEFAULT_SUBSCRIBE})")
     parser.add_argument("--snapshot", metavar="EP",
                         help=f"daemon snapshot port for late joiners (env {endpoints.ENV_SNAPSHOT}, default {endpoints.DEFAULT_SNAPSHOT})")
-    parser.add_argument("--curve-client", metavar="DIR",
-                        help=f"directory with client.key_secret and server.key (env {endpoints.ENV_CURVE_CLIENT})")
+    _add_curve_client(parser)
 
 
 def build_parser(command: str | None = None) -> OneLineParser:
