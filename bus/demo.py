@@ -60,6 +60,42 @@ PUBLISH_RATE_HZ = 20.0
 _READY = re.compile(r"ready publish=(\S+) subscribe=(\S+) snapshot=(\S+)")
 
 
+def _become_subreaper() -> bool:
+    """Linux: adopt orphaned descendants (e.g. a training worker's helper processes whose
+    parent has exited), so that this process can reap them and know they are gone instead
+    of leaving zombies for whatever PID 1 the machine has."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER = 36
+    except Exception:
+        return False
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_adopted() -> None:
+    """Collect exit statuses of adopted orphans (never blocks)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
 def _set_pdeathsig() -> None:
     """In the child before exec: ask Linux for SIGTERM when the demo process dies."""
     try:
@@ -139,6 +175,23 @@ class Supervisor:
                 log.error("%s (pid %d) did not die after SIGKILL", child.name, child.pid)
             for f in child.files:
                 f.close()
+        # Wait (bounded) until every group is really empty, reaping adopted orphans.
+        deadline = time.monotonic() + 5.0
+        while True:
+            _reap_adopted()
+            left = [c for c in self.children if _group_exists(c.pid)]
+            if not left:
+                return
+            if time.monotonic() > deadline:
+                log.error("process group(s) still present after SIGKILL: %s",
+                          ", ".join(f"{c.name} ({c.pid})" for c in left))
+                return
+            for c in left:
+                try:
+                    os.killpg(c.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.02)
 
 
 def _wait(child: Child, timeout: float) -> None:
@@ -206,6 +259,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     stop = install_stop_handlers()
+    _become_subreaper()
     if args.log_dir:
         log_dir = Path(args.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,79 @@
+"""`trainbus demo` end to end: everything starts, the monitor shows the run, and nothing
+outlives the demo (each child's process group is gone afterwards)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from tests.conftest import trainbus_cmd, wait_for
+
+
+def child_pids(stderr: str) -> dict[str, int]:
+    return {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", stderr)}
+
+
+def group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def assert_no_orphans(demo_pid: int, pids: dict[str, int]) -> None:
+    # Children run in their own sessions, so pid == pgid; the demo's own group too.
+    for name, pid in {"demo": demo_pid, **pids}.items():
+        assert group_gone(pid), f"process group of {name} (pid {pid}) still exists"
+
+
+def test_demo_runs_for_its_duration_and_leaves_no_process(procs, tmp_path):
+    demo = procs.start(trainbus_cmd("demo", "--workers", "2", "--duration", "4", "--source", "publish",
+                                    "--run", "demo-test", "--log-dir", str(tmp_path)),
+                       env={"COLUMNS": "100"})
+    assert demo.wait(40) == 0, demo.stderr.text()
+    stderr = demo.stderr.text()
+    pids = child_pids(stderr)
+    assert {"daemon", "publish", "aggregate", "monitor"} <= set(pids), stderr
+    assert_no_orphans(demo.popen.pid, pids)
+    assert f"logs in {tmp_path}" in stderr
+    # The monitor's final frame (stdout is not a terminal: Live prints the last frame).
+    out = demo.stdout.text()
+    assert "Σ demo-test" in out and "2/2 live" in out, out
+    assert (tmp_path / "daemon.log").exists() and (tmp_path / "monitor.log").exists()
+
+
+def test_demo_stops_everything_on_ctrl_c(procs, tmp_path):
+    demo = procs.start(trainbus_cmd("demo", "--workers", "1", "--source", "publish",
+                                    "--log-dir", str(tmp_path)))
+    demo.stderr.wait_for_line(r"started monitor \(pid \d+\)", 20)
+    monitor_log = tmp_path / "monitor.log"
+    wait_for(lambda: monitor_log.exists() and "connected to" in monitor_log.read_text(), 20,
+             message="the monitor to connect")
+    os.killpg(demo.popen.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    assert demo.wait(30) == 0, demo.stderr.text()
+    pids = child_pids(demo.stderr.text())
+    assert len(pids) >= 4
+    assert_no_orphans(demo.popen.pid, pids)
+
+
+def test_demo_with_training_workers(procs, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("emitter.train")
+    demo = procs.start(trainbus_cmd("demo", "--workers", "1", "--envs", "2", "--source", "train",
+                                    "--run", "demo-train", "--log-dir", str(tmp_path)),
+                       env={"COLUMNS": "100"})
+    demo.stderr.wait_for_line(r"started train \(pid \d+\)", 20)
+    monitor_ok = tmp_path / "train.log"
+    # Wait until a PPO worker has reported progress (first updates made), then stop.
+    wait_for(lambda: monitor_ok.exists() and "update" in monitor_ok.read_text(), 30,
+             message="the PPO worker to make updates")
+    os.killpg(demo.popen.pid, signal.SIGINT)
+    assert demo.wait(30) == 0, demo.stderr.text()
+    pids = child_pids(demo.stderr.text())
+    assert "train" in pids
+    assert_no_orphans(demo.popen.pid, pids)
+    assert "Σ demo-train" in demo.stdout.text()
