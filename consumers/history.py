@@ -29,8 +29,9 @@ health table's call, shown by colour.
 Sparkline: one cell per value, newest on the right, always ``width`` (10) cells. Fewer
 values are padded on the left with blanks, so the newest value always sits at the same
 place. Finite values are scaled between the window's min and max onto ``▁..█``; a flat
-series is drawn at mid-height (``▄``) rather than on the floor, so "steady" does not read
-as "zero"; a non-finite value is ``×``, which the renderers colour red.
+series (spread under 0.1 % of its magnitude) is drawn at mid-height (``▄``) rather than on
+the floor, so "steady" does not read as "zero"; a non-finite value is ``×``, which the
+renderers colour red.
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 SPARK_FLAT = "▄"
 SPARK_NONFINITE = "×"
 SPARK_PAD = " "
+#: A window whose spread is under 0.1 % of its magnitude is drawn flat: eight levels would
+#: otherwise blow float noise (a clipped norm of 0.4999998 next to 0.5) up to full height.
+SPARK_FLAT_FRACTION = 1e-3
 
 #: Trend thresholds, relative to the window's mean magnitude (see the module docstring).
 FLAT_FRACTION = 0.05
@@ -164,7 +168,7 @@ def sparkline_cells(values: Sequence[float], width: int = HISTORY_LEN) -> list[t
         # Halved, so that a window spanning -1e308..1e308 does not overflow to inf.
         lo, hi = min(finite) / 2, max(finite) / 2
         span = hi - lo
-        flat = span <= 1e-12 * max(abs(lo), abs(hi), 1e-300)
+        flat = span <= SPARK_FLAT_FRACTION * max(abs(lo), abs(hi), 1e-300)
     else:
         lo = span = 0.0
         flat = True

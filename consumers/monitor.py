@@ -345,11 +345,11 @@ def _worker_order(worker: WorkerId) -> tuple[int, int, str]:
 
 
 class StateLogHandler(logging.Handler):
-    """Shows the last few log records inside the frame instead of on stderr, which would
-    tear the live display apart."""
+    """Shows the last few warnings inside the frame instead of on stderr, which would
+    tear the live display apart (connection state is the banner's job, not a log line's)."""
 
     def __init__(self, state: MonitorState) -> None:
-        super().__init__(logging.INFO)
+        super().__init__(logging.WARNING)
         self.state = state
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
 

@@ -65,16 +65,18 @@ MAX_ALERT_LINES = 6
 # --------------------------------------------------------------------- formatting
 
 
-def fmt(value: float | None, digits: int = 3) -> str:
+def fmt(value: float | None, digits: int = 3, small_exp: bool = False) -> str:
     """A number for a cell: ``–`` when not measured, NaN/inf spelled out, huge values in
-    exponent form so a 1e12 gradient norm cannot blow the column apart."""
+    exponent form so a 1e12 gradient norm cannot blow the column apart; with
+    ``small_exp``, tiny non-zero values too (a vanishing 3e-6 gradient norm is news,
+    a clip fraction of 0.0004 is not)."""
     if value is None:
         return MISSING
     if math.isnan(value):
         return "NaN"
     if math.isinf(value):
         return "inf" if value > 0 else "-inf"
-    if value != 0 and (abs(value) >= 1e5 or abs(value) < 10 ** -digits):
+    if abs(value) >= 1e5 or (small_exp and value != 0 and abs(value) < 10 ** -digits):
         return f"{value:.2e}"
     return f"{value:.{digits}f}"
 
@@ -103,7 +105,7 @@ def fmt_lr(value: float | None) -> str:
 
 def metric_text(state: MonitorState, metric: str, value: float | None, digits: int = 3) -> Text:
     """A value coloured by its health (uncoloured for metrics without thresholds)."""
-    text = fmt(value, digits)
+    text = fmt(value, digits, small_exp=metric in ("grad_norm", "pre_clip_grad_norm"))
     if value is None:
         return Text(text, style="dim")
     if not math.isfinite(value):

@@ -140,3 +140,8 @@ def test_sparkline_and_trend_never_fail(values):
 
 def test_sparkline_huge_range_does_not_overflow():
     assert sparkline([-1e308, 1e308]) == SPARK_PAD * 8 + SPARK_BLOCKS[0] + SPARK_BLOCKS[-1]
+
+
+def test_sparkline_float_noise_is_flat():
+    # A clipped norm: 0.5 * min(1, 0.5 / (pre + 1e-6)) is 0.4999998.., not 0.5.
+    assert sparkline([0.5, 0.4999998, 0.5, 0.4999999]) == SPARK_PAD * 6 + SPARK_FLAT * 4

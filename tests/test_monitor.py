@@ -282,6 +282,7 @@ def test_too_many_rows_for_the_terminal_shows_the_worst():
 def test_formatting_helpers():
     assert fmt(None) == "–" and fmt(math.nan) == "NaN" and fmt(-math.inf) == "-inf"
     assert fmt(1.23456) == "1.235" and fmt(2.5e7) == "2.50e+07" and fmt(0.0) == "0.000"
+    assert fmt(3e-6) == "0.000" and fmt(3e-6, small_exp=True) == "3.00e-06"
     assert fmt_age(0.5) == "0.5s" and fmt_age(-1) == "0.0s"
     assert fmt_age(75) == "1m15s" and fmt_age(7300) == "2h01m"
 
