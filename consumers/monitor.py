@@ -265,18 +265,22 @@ class MonitorState:
 
     def row_status(self, row: Row, now: float) -> str:
         """STALE, NaN, critical, warning, ok, or waiting (heartbeats but no update yet)."""
+        return self.row_verdict(row, now)[0]
+
+    def row_verdict(self, row: Row, now: float) -> tuple[str, str | None]:
+        """(status, the metric that decided a warning/critical status, else None)."""
         if row.age(now) > self.stale_after:
-            return STALE
+            return STALE, None
         if row.updates == 0:
-            return WAITING
+            return WAITING, None
         if self.has_nonfinite(row):
-            return NAN
-        worst = OK
+            return NAN, None
+        worst, culprit = OK, None
         for metric in HEALTH_METRICS:
             severity = self.health.health(metric, row.history.latest(metric))
             if SEVERITY_RANK[severity] > SEVERITY_RANK[worst]:
-                worst = severity
-        return worst
+                worst, culprit = severity, metric
+        return worst, culprit
 
     @staticmethod
     def has_nonfinite(row: Row) -> bool:

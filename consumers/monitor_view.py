@@ -46,8 +46,12 @@ from consumers.monitor import (
 
 HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
 NONFINITE_STYLE = "bold red"
-STATUS_LABEL = {WAITING: "waiting", OK: "ok", WARNING: "warning", CRITICAL: "CRITICAL",
+STATUS_LABEL = {WAITING: "waiting", OK: "ok", WARNING: "warn", CRITICAL: "CRIT",
                 NAN: "NaN", STALE: "STALE"}
+#: Short metric names for the status cell ("CRIT EV"), so the cause is visible even at 80
+#: columns where the metric's own column is not shown.
+SHORT_METRIC = {"grad_norm": "grad", "approx_kl": "KL", "clip_fraction": "clip",
+                "entropy": "ent", "explained_variance": "EV"}
 STATUS_STYLE = {WAITING: "dim", OK: "green", WARNING: "yellow", CRITICAL: "bold red",
                 NAN: "bold white on red", STALE: "bold magenta"}
 BANNER_STYLE = {
@@ -160,7 +164,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("age", "age", 0, 5),
     Column("ts", "sent at", 2, 8),
     Column("dropped", "drop", 1, 4),
-    Column("status", "status", 0, 8, "left"),
+    Column("status", "status", 0, 9, "left"),
 )
 #: Extra room the worker (and run name) column gets in the richer layouts.
 WORKER_WIDTH_BY_TIER = (12, 14, 20)
@@ -182,7 +186,10 @@ def tier_for(width: int) -> int:
 
 
 def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[str, Text]:
-    status = state.row_status(row, now)
+    status, culprit = state.row_verdict(row, now)
+    status_label = STATUS_LABEL[status]
+    if culprit is not None:
+        status_label += " " + SHORT_METRIC.get(culprit, culprit)
     latest = row.history.latest
     # Restart and (in the narrow layout) loss markers ride next to the worker id, where
     # there is room at any width: "  3 ↻2 d15" = restarted twice, 15 events lost.
@@ -209,7 +216,7 @@ def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[
         "ts": Text(time.strftime("%H:%M:%S", time.localtime(row.last_ts)) if row.last_ts else MISSING,
                    style="dim"),
         "dropped": Text(str(row.dropped) if row.dropped else "", style="yellow"),
-        "status": Text(STATUS_LABEL[status], style=STATUS_STYLE[status]),
+        "status": Text(status_label, style=STATUS_STYLE[status]),
     }
     return cells
 
