@@ -126,8 +126,13 @@ def _set_parent_death_signal() -> None:
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of one worker process (runs in the spawned child)."""
     stop = threading.Event()
+    running = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
+        if not running:
+            # Still starting (importing torch takes seconds on a busy machine): nothing is
+            # open and nothing needs flushing, so leave now rather than after the import.
+            os._exit(0)
         stop.set()
 
     for signum in _STOP_SIGNALS:
@@ -136,7 +141,7 @@ def worker_main(spec: WorkerSpec) -> None:
     # now delivers anything that arrived during start-up to the handler above.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _set_parent_death_signal()
-    if os.getppid() != spec.parent_pid:  # the parent died before prctl took effect
+    if os.getppid() != spec.parent_pid:  # orphaned before prctl took effect
         return
 
     logging.basicConfig(level=spec.log_level, stream=sys.stderr,
@@ -162,6 +167,7 @@ def worker_main(spec: WorkerSpec) -> None:
                      update, fields["env_steps"], "-" if ret is None else f"{ret:.1f}",
                      fields["grad_norm"], fields["pre_clip_grad_norm"], fields["sps"])
 
+    running = True  # from here on a stop signal finishes the update and closes cleanly
     with TelemetryEmitter(spec.run, spec.worker, spec.publish,
                           curve_client=spec.curve_client) as emitter:
         log.info("worker %d (pid %d) publishing run %s to %s, seed %d",
