@@ -119,13 +119,13 @@ def test_two_workers_publish_and_ctrl_c_stops_the_whole_tree(procs: ProcessGroup
 
 
 @pytest.mark.timeout(90)
-def test_sigterm_to_the_parent_alone_stops_every_worker(procs: ProcessGroup, sub):
+def test_sigterm_to_the_parent_alone_stops_the_worker(procs: ProcessGroup, sub):
     sock, endpoint = sub
-    proc = procs.start(trainbus_cmd("train", "--publish", endpoint, "--workers", "2",
-                                    "--envs", "4", "--run", "term-test"))
-    collect(sock, lambda evs: len(updates_by_worker(evs)) == 2, timeout=60)
+    proc = procs.start(trainbus_cmd("train", "--publish", endpoint, "--envs", "4",
+                                    "--run", "term-test"))
+    collect(sock, lambda evs: len(updates_by_worker(evs)) == 1, timeout=60)
     tree = descendants(proc.popen.pid)
-    assert len(tree) >= 2
+    assert tree  # the worker (plus multiprocessing's resource tracker)
 
     os.kill(proc.popen.pid, signal.SIGTERM)  # e.g. a supervisor stopping the service
     assert proc.wait(timeout=15) == 143
