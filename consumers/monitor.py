@@ -45,6 +45,10 @@ DEFAULT_FORGET_AFTER_S = 3600.0
 DEFAULT_WAIT_S = 2.0
 DEFAULT_MAX_ROWS = 4096
 MAX_ALERTS = 256
+#: The monitor's receive queue bound (messages). A live view wants fresh data more than
+#: complete data: if it ever falls behind (a starved CPU), ZeroMQ drops beyond this and
+#: the loss shows as "lost N", instead of ~100k queued messages (~70 MB) of stale backlog.
+MONITOR_RCVHWM = 20_000
 MAX_SUMMARIES = 256
 
 #: Metrics each row keeps a 10-entry history of: what the view draws, plus what decides
@@ -400,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
     stop = install_stop_handlers()
     state = MonitorState(stale_after=args.stale_after, forget_after=args.forget_after,
                          run_filter=args.run)
-    sub = Subscriber.from_args(args, run=args.run)
+    sub = Subscriber.from_args(args, run=args.run, rcvhwm=MONITOR_RCVHWM)
     console = Console(highlight=False, width=args.width)
     try:
         if args.once:
