@@ -133,14 +133,15 @@ class Daemon:
         self._authorized_mtime = 0.0
         if curve_dir:
             self._start_authenticator(Path(curve_dir))
-        self.xsub = self._bind(zmq.XSUB, publish, curve_dir)
-        self.xsub.rcvhwm = XSUB_RCVHWM
+        # Queue bounds are set in _bind, before bind(): ZeroMQ copies a listening socket's
+        # options when it binds, so a high-water mark set afterwards never reaches the
+        # connections it accepts (they would get the default of 1000).
+        self.xsub = self._bind(zmq.XSUB, publish, curve_dir, rcvhwm=XSUB_RCVHWM)
         # The cache wants every stream whoever listens, so the daemon takes everything from
         # publishers itself (PUB sockets filter at the sender: without this, events sent
         # before the first subscriber arrives would never reach the cache).
         self.xsub.send(b"\x01")
-        self.xpub = self._bind(zmq.XPUB, subscribe, curve_dir)
-        self.xpub.sndhwm = XPUB_SNDHWM
+        self.xpub = self._bind(zmq.XPUB, subscribe, curve_dir, sndhwm=XPUB_SNDHWM)
         self.router = self._bind(zmq.ROUTER, snapshot, curve_dir)
         self.endpoints = {
             "publish": self.xsub.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -173,10 +174,16 @@ class Daemon:
             count = len(list(self._authorized_dir.glob("*.key")))
             log.info("CURVE on: %d authorized client key(s) in %s", count, self._authorized_dir)
 
-    def _bind(self, kind: int, endpoint: str, curve_dir: str | None) -> zmq.Socket:
+    def _bind(self, kind: int, endpoint: str, curve_dir: str | None, *,
+              sndhwm: int | None = None, rcvhwm: int | None = None) -> zmq.Socket:
+        """A bound socket; every option is set before bind() so accepted connections get it."""
         sock = self._ctx.socket(kind)
         sock.linger = 0
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_msg_size * 16)
+        if sndhwm is not None:
+            sock.sndhwm = sndhwm
+        if rcvhwm is not None:
+            sock.rcvhwm = rcvhwm
         if curve_dir:
             transport.apply_curve_server(sock, curve_dir)
         try:

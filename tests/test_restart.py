@@ -176,7 +176,8 @@ def test_daemon_sigkill_and_restart(procs: ProcessGroup, tmp_path: Path, transpo
           f"new daemon's ready line; dropped {stream.dropped}; emit median us "
           + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()) + f"; worst emit {worst * 1e3:.2f} ms")
     assert sub_resume < 5.0 and tail_resume < 5.0
-    assert worst < 0.05, f"an emit took {worst * 1e3:.1f} ms"
+    # A blocked send would last the whole outage; the bound only allows for the scheduler.
+    assert worst < 0.3, f"an emit took {worst * 1e3:.1f} ms"
 
 
 def test_consumers_started_before_daemon_wait_quietly(procs: ProcessGroup, tmp_path: Path) -> None:
