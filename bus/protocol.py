@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -266,10 +267,51 @@ def _kind_ok(kind: str, value: Any) -> bool:
     return True
 
 
+class _FastSchema:
+    """Precomputed C-level checks for one type's schema: a payload whose fields all have
+    the exact expected Python types passes in a few set operations; anything else takes
+    the field-by-field path that names the offending field."""
+
+    def __init__(self, required: dict[str, str], optional: dict[str, str]) -> None:
+        self.required_names = frozenset(required)
+        floats = tuple(n for n, k in required.items() if k == "float")
+        ints = tuple(n for n, k in required.items() if k == "int")
+        self.required_floats = operator.itemgetter(*floats) if len(floats) > 1 else None
+        self.required_ints = operator.itemgetter(*ints) if len(ints) > 1 else None
+        self.optional_floats = frozenset(n for n, k in optional.items() if k == "float")
+        self.optional_ints = frozenset(n for n, k in optional.items() if k == "int")
+        self.optional_other = frozenset(optional) - self.optional_floats - self.optional_ints
+        self.simple = (len(floats) + len(ints) == len(required) and self.required_floats is not None
+                       and self.required_ints is not None and not self.optional_other)
+
+    def fast_ok(self, payload: dict[str, Any]) -> bool:
+        if not self.simple or not self.required_names <= payload.keys():
+            return False
+        assert self.required_floats is not None and self.required_ints is not None
+        if set(map(type, self.required_floats(payload))) != _JUST_FLOAT:
+            return False
+        if set(map(type, self.required_ints(payload))) != _JUST_INT:
+            return False
+        present = payload.keys() & self.optional_floats
+        if present and not set(map(type, map(payload.__getitem__, present))) <= _FLOAT_OR_NONE:
+            return False
+        present = payload.keys() & self.optional_ints
+        return not present or set(map(type, map(payload.__getitem__, present))) <= _INT_OR_NONE
+
+
+_JUST_FLOAT = {float}
+_JUST_INT = {int}
+_FLOAT_OR_NONE = {float, type(None)}
+_INT_OR_NONE = {int, type(None)}
+_FAST_SCHEMAS = {name: _FastSchema(*schema) for name, schema in SCHEMAS.items()}
+
+
 def validate_fields(payload: dict[str, Any], event_type: str) -> None:
     """Check a type's own fields in place; ints given for float fields become floats."""
     schema = SCHEMAS.get(event_type)
     if schema is None:
+        return
+    if _FAST_SCHEMAS[event_type].fast_ok(payload):
         return
     required, optional = schema
     for name, kind in required.items():
@@ -295,6 +337,12 @@ def validate_fields(payload: dict[str, Any], event_type: str) -> None:
             raise ProtocolError("bad_value:severity", repr(payload["severity"]))
 
 
+_TOPIC_CACHE: dict[bytes, Topic] = {}
+_TOPIC_CACHE_SIZE = 65536
+_JUST_STR = {str}
+_ENVELOPE_TYPES = (str, str, str, int, float)
+
+
 def decode(frames: list[bytes] | tuple[bytes, ...],
            max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Event:
     """Decode and validate one received message, or raise :class:`ProtocolError`.
@@ -307,16 +355,22 @@ def decode(frames: list[bytes] | tuple[bytes, ...],
     topic_bytes, payload_bytes = bytes(frames[0]), bytes(frames[1])
     if len(topic_bytes) + len(payload_bytes) > max_bytes:
         raise ProtocolError("too_large", f"{len(topic_bytes) + len(payload_bytes)} > {max_bytes} bytes")
-    topic = parse_topic(topic_bytes)
+    topic = _TOPIC_CACHE.get(topic_bytes)
+    if topic is None:
+        topic = parse_topic(topic_bytes)
+        if len(_TOPIC_CACHE) >= _TOPIC_CACHE_SIZE:
+            _TOPIC_CACHE.clear()  # bounded: a flood of distinct topics cannot grow it
+        _TOPIC_CACHE[topic_bytes] = topic
     try:
         payload = msgpack.unpackb(payload_bytes, raw=False, strict_map_key=False, **_UNPACK_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types for bad input
         raise ProtocolError("not_msgpack", type(exc).__name__) from None
     if not isinstance(payload, dict):
         raise ProtocolError("not_a_map", type(payload).__name__)
-    for key in payload:
-        if not isinstance(key, str):
-            raise ProtocolError("bad_key", f"non-string key {key!r:.40}")
+    if set(map(type, payload)) != _JUST_STR:
+        for key in payload:
+            if not isinstance(key, str):
+                raise ProtocolError("bad_key", f"non-string key {key!r:.40}")
 
     version = payload.get("v")
     if version is None:
@@ -325,13 +379,19 @@ def decode(frames: list[bytes] | tuple[bytes, ...],
         raise ProtocolError("bad_type:v")
     if version != PROTOCOL_VERSION:
         raise ProtocolError("bad_version", f"v={version}")
-    for name, kind in (("type", "str"), ("run", "str"), ("session", "str"), ("seq", "int"),
-                       ("ts", "float")):
-        value = payload.get(name)
-        if value is None:
-            raise ProtocolError(f"missing_field:{name}")
-        if not _kind_ok(kind, value):
-            raise ProtocolError(f"bad_type:{name}")
+    try:
+        envelope_types = (type(payload["type"]), type(payload["run"]), type(payload["session"]),
+                          type(payload["seq"]), type(payload["ts"]))
+    except KeyError:
+        envelope_types = None
+    if envelope_types != _ENVELOPE_TYPES:
+        for name, kind in (("type", "str"), ("run", "str"), ("session", "str"), ("seq", "int"),
+                           ("ts", "float")):
+            value = payload.get(name)
+            if value is None:
+                raise ProtocolError(f"missing_field:{name}")
+            if not _kind_ok(kind, value):
+                raise ProtocolError(f"bad_type:{name}")
     if "worker" not in payload:
         raise ProtocolError("missing_field:worker")
     worker = payload["worker"]
