@@ -72,7 +72,7 @@ def run(quick: bool = False) -> list[Row]:
             grads = [p.grad for p in params]
             n_params = sum(g.numel() for g in grads)
             big = n_params > 1_000_000
-            reps = (5 if quick else 15) if big else (20 if quick else 200)
+            reps = (5 if quick else 25) if big else (20 if quick else 200)
             saved = [g.clone() for g in grads]
 
             def restore(grads=grads, saved=saved) -> None:
