@@ -2,16 +2,20 @@
 
 Starts, as subprocesses::
 
-    trainbus daemon     on tcp://127.0.0.1 with OS-chosen (ephemeral) ports
+    trainbus daemon     on the default loopback endpoints (tcp://127.0.0.1:7751-7753, or
+                        TRAINBUS_* / the demo's own flags); if they are taken, on
+                        OS-chosen ports instead, with a note
     trainbus train      --workers N  (or `trainbus publish --workers N --rate 20` without torch)
     trainbus aggregate  ppo_summary rollups, shown as the monitor's fleet row
-    trainbus alert      only when consumers.alerting is installed; notifications to a file
+    trainbus alert      notifications to a file in the log directory
     trainbus monitor    in the foreground, on this terminal
 
-Why ephemeral ports: a second demo, or a real daemon already on 7751-7753, must not
-collide with this one. The daemon prints its real endpoints on its ready line; they are
-handed to every child through TRAINBUS_PUBLISH/SUBSCRIBE/SNAPSHOT and printed at start, so
-other tools can attach (``TRAINBUS_SUBSCRIBE=... trainbus tail``).
+Why the default endpoints: a newcomer runs ``make demo`` in one terminal and then plain
+``trainbus tail`` or ``trainbus train --inject-nan-at 20`` in another, and those must land
+on the demo's bus without any set-up. The aggregator, alerting process and monitor watch
+every run on the bus, so such an extra run shows up at once. When another daemon already
+holds the default ports the demo still runs, on ephemeral ports, and prints the
+``TRAINBUS_*`` line to attach with.
 
 Why a log directory: every child's stderr (and the alert notifications) go to files in
 ``--log-dir`` (default a fresh temp directory, printed at start and at exit), so nothing
@@ -238,6 +242,9 @@ def _alerting_available() -> bool:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bus.cli import nonneg_float, positive_float, positive_int, run_name
 
+    parser.add_argument("--publish", metavar="EP", help="daemon publish side (default: as trainbus daemon)")
+    parser.add_argument("--subscribe", metavar="EP", help="daemon subscribe side (default: as trainbus daemon)")
+    parser.add_argument("--snapshot", metavar="EP", help="daemon snapshot port (default: as trainbus daemon)")
     parser.add_argument("--workers", type=positive_int, default=2, metavar="N",
                         help="training workers (default 2)")
     parser.add_argument("--envs", type=positive_int, default=None, metavar="M",
@@ -273,11 +280,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"trainbus demo: logs in {log_dir}", file=sys.stderr, flush=True)
     status = 0
     try:
-        daemon_out = log_dir / "daemon.out"
-        daemon = sup.start("daemon", ["daemon", "--publish", LOOPBACK_EPHEMERAL, "--subscribe",
-                                      LOOPBACK_EPHEMERAL, "--snapshot", LOOPBACK_EPHEMERAL,
-                                      "--stats-interval", "2"], stdout_path=daemon_out)
-        eps = _wait_ready(daemon, daemon_out, stop, DAEMON_READY_TIMEOUT_S)
+        wanted = [endpoints.resolve(role, getattr(args, role, None))
+                  for role in ("publish", "subscribe", "snapshot")]
+        eps = None
+        for attempt, bind in enumerate((wanted, [LOOPBACK_EPHEMERAL] * 3)):
+            daemon_out = log_dir / f"daemon{attempt or ''}.out"
+            daemon = sup.start("daemon", ["daemon", "--publish", bind[0], "--subscribe", bind[1],
+                                          "--snapshot", bind[2], "--stats-interval", "2"],
+                               stdout_path=daemon_out)
+            eps = _wait_ready(daemon, daemon_out, stop, DAEMON_READY_TIMEOUT_S)
+            if eps is not None or stop.is_set() or attempt:
+                break
+            print(f"trainbus demo: note: cannot bind {' '.join(wanted)} (another daemon?); "
+                  "using OS-chosen loopback ports instead", file=sys.stderr, flush=True)
         if eps is None:
             if stop.is_set():
                 return 0
@@ -297,13 +312,13 @@ def run(args: argparse.Namespace) -> int:
                       "(trainbus publish) instead of PPO workers", file=sys.stderr, flush=True)
         producer = _start_producer(sup, args, run_id, use_train)
         producer_started = time.monotonic()
-        sup.start("aggregate", ["aggregate", "--run", run_id])
+        sup.start("aggregate", ["aggregate"])
         if _alerting_available():
-            sup.start("alert", ["alert", "--run", run_id, "--log", str(log_dir / "alerts.jsonl")])
+            sup.start("alert", ["alert", "--log", str(log_dir / "alerts.jsonl")])
         else:
             print("trainbus demo: note: consumers.alerting not installed; no alerting process",
                   file=sys.stderr, flush=True)
-        monitor = sup.start("monitor", ["monitor", "--run", run_id, "--refresh", f"{args.refresh:g}"],
+        monitor = sup.start("monitor", ["monitor", "--refresh", f"{args.refresh:g}"],
                             stdout_to_log=False)
 
         deadline = time.monotonic() + args.duration if args.duration else None

@@ -9,7 +9,10 @@ import signal
 
 import pytest
 
-from tests.conftest import trainbus_cmd, wait_for
+from tests.conftest import EPHEMERAL, trainbus_cmd, wait_for
+
+# The demo binds the default ports unless told otherwise; tests never use fixed ports.
+EPHEMERAL_BUS = ("--publish", EPHEMERAL, "--subscribe", EPHEMERAL, "--snapshot", EPHEMERAL)
 
 
 def child_pids(stderr: str) -> dict[str, int]:
@@ -31,7 +34,7 @@ def assert_no_orphans(demo_pid: int, pids: dict[str, int]) -> None:
 
 
 def test_demo_runs_for_its_duration_and_leaves_no_process(procs, tmp_path):
-    demo = procs.start(trainbus_cmd("demo", "--workers", "2", "--duration", "4", "--source", "publish",
+    demo = procs.start(trainbus_cmd("demo", *EPHEMERAL_BUS, "--workers", "2", "--duration", "4", "--source", "publish",
                                     "--run", "demo-test", "--log-dir", str(tmp_path)),
                        env={"COLUMNS": "100"})
     assert demo.wait(40) == 0, demo.stderr.text()
@@ -47,7 +50,7 @@ def test_demo_runs_for_its_duration_and_leaves_no_process(procs, tmp_path):
 
 
 def test_demo_stops_everything_on_ctrl_c(procs, tmp_path):
-    demo = procs.start(trainbus_cmd("demo", "--workers", "1", "--source", "publish",
+    demo = procs.start(trainbus_cmd("demo", *EPHEMERAL_BUS, "--workers", "1", "--source", "publish",
                                     "--log-dir", str(tmp_path)))
     demo.stderr.wait_for_line(r"started monitor \(pid \d+\)", 20)
     monitor_log = tmp_path / "monitor.log"
@@ -63,7 +66,7 @@ def test_demo_stops_everything_on_ctrl_c(procs, tmp_path):
 def test_demo_with_training_workers(procs, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("emitter.train")
-    demo = procs.start(trainbus_cmd("demo", "--workers", "1", "--envs", "2", "--source", "train",
+    demo = procs.start(trainbus_cmd("demo", *EPHEMERAL_BUS, "--workers", "1", "--envs", "2", "--source", "train",
                                     "--run", "demo-train", "--log-dir", str(tmp_path)),
                        env={"COLUMNS": "100"})
     demo.stderr.wait_for_line(r"started train \(pid \d+\)", 20)
@@ -77,3 +80,14 @@ def test_demo_with_training_workers(procs, tmp_path):
     assert "train" in pids
     assert_no_orphans(demo.popen.pid, pids)
     assert "Σ demo-train" in demo.stdout.text()
+
+
+def test_demo_falls_back_to_ephemeral_ports_when_its_endpoints_are_taken(procs, daemon, tmp_path):
+    demo = procs.start(trainbus_cmd("demo", "--publish", daemon.publish, "--subscribe", daemon.subscribe,
+                                    "--snapshot", daemon.snapshot, "--workers", "1", "--duration", "3",
+                                    "--source", "publish", "--log-dir", str(tmp_path)),
+                       env={"COLUMNS": "100"})
+    assert demo.wait(40) == 0, demo.stderr.text()
+    stderr = demo.stderr.text()
+    assert "cannot bind" in stderr and "OS-chosen loopback ports" in stderr
+    assert daemon.proc.popen.poll() is None  # the daemon already there is left alone
