@@ -119,9 +119,11 @@ def _tensorboard_fn(logdir: str) -> tuple[Callable[[], None], Any]:
 def run(quick: bool = False) -> list[Row]:
     from emitter.telemetry import TelemetryEmitter
 
-    rounds = 6 if quick else 30
-    batch = 400 if quick else 2000
-    tb_batch = 10 if quick else 40
+    # Many short batches rather than few long ones: finer interleaving, so drift in the
+    # machine's load (other processes) hits every subject alike.
+    rounds = 6 if quick else 60
+    batch = 400 if quick else 1000
+    tb_batch = 10 if quick else 20
     total_per_emitter = (rounds + 1) * batch  # +1: the warm-up round
 
     closers: list[Callable[[], Any]] = []

@@ -9,7 +9,8 @@
   least 95% of what was offered during it, the age of the newest event it had ingested
   stayed under 1 s at every frame (bounded lag, on the producers' wall clock), and no
   event was lost by seq. The row reports the highest sustained step's ingest rate; the
-  baseline column is the rate the publishers actually offered.
+  baseline column is the rate the publishers actually offered. PASS when the 20k step (or a
+  higher one) was sustained.
 * **Redraws per second** at the heaviest step, counted at ``Live.update(refresh=True)``.
 * **Memory growth over 1M events**: MonitorState fed 1M fresh ppo_update events from 64
   workers in a fresh process (a frame rendered every 50k events, so the draw path is
@@ -292,7 +293,7 @@ def _ramp_rows(quick: bool, refresh: float, label: str, rates: list[int]) -> lis
     return [
         Row(f"monitor sustained ingest, {label}", value, "ev/s", "offered by publishers",
             best["offered"] if best else None, value / best["offered"] if best else None,
-            ">= 20000 ev/s, lag < 1 s, 0 lost", value >= 20_000,
+            ">= 20000 ev/s, lag < 1 s, 0 lost", best is not None and best["rate"] >= 20_000,
             note=f"64 workers; {steps_note}"),
         Row(f"monitor redraws under load, {label}", heaviest["redraw_hz"], "/s", "", None, None,
             "<= 10 /s (1% timer slack)", heaviest["redraw_hz"] <= 10.0 * 1.01,
