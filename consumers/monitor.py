@@ -449,9 +449,11 @@ def _live(args: argparse.Namespace, state: MonitorState, sub: Any, console: Any,
                 now = time.monotonic()
                 state.sync_from(sub, now)
                 live.update(view_cls(state, now, refresh_hz=args.refresh, fit_height=True), refresh=True)
-                next_frame += period
-                if next_frame <= now:  # fell behind (slow terminal): skip, never burst
-                    next_frame = now + period
+                after = time.monotonic()
+                # Never burst and never let drawing starve reading: the next frame comes one
+                # period later, and no sooner than the time this frame took to draw, so at
+                # least half of a slow terminal's time still goes to draining events.
+                next_frame = max(next_frame + period, after + (after - now))
             now = time.monotonic()
             state.sync_from(sub, now)
             live.update(view_cls(state, now, refresh_hz=args.refresh, fit_height=False), refresh=False)

@@ -38,7 +38,9 @@ _OPTIONAL_INT = frozenset(k for k, v in protocol.PPO_UPDATE_OPTIONAL.items() if 
 _OPTIONAL_FLOAT = frozenset(k for k, v in protocol.PPO_UPDATE_OPTIONAL.items() if v == "float")
 _ENVELOPE = frozenset(protocol.ENVELOPE_FIELDS)
 _OPTIONAL_OR_ENVELOPE = _ENVELOPE | _OPTIONAL_INT | _OPTIONAL_FLOAT
-_SNDMORE_NOBLOCK = zmq.SNDMORE | zmq.NOBLOCK
+# Plain ints: pyzmq's enum flags cost microseconds of Python per send on this hot path.
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 _get_floats = operator.itemgetter(*_FLOAT_FIELDS)
 _get_ints = operator.itemgetter(*_INT_FIELDS)
 _JUST_FLOAT = {float}
@@ -209,7 +211,7 @@ class TelemetryEmitter:
         self._seq += 1
         try:
             self._sock.send(topic, _SNDMORE_NOBLOCK)
-            self._sock.send(self._pack(fields), zmq.NOBLOCK)
+            self._sock.send(self._pack(fields), _NOBLOCK)
         except zmq.ZMQError:
             self.dropped += 1
             return False
