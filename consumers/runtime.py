@@ -39,6 +39,15 @@ SNAPSHOT_REPLY = b"SNAPSHOT"
 SNAPSHOT_TIMEOUT_MS = 1000
 #: Most messages handled per poll() call, so a flood cannot starve a consumer's redraws.
 MAX_BATCH = 5000
+#: After the daemon refuses this client's CURVE key, try again this often. ZeroMQ itself
+#: gives up on a connection after a ZAP refusal, so without this a consumer started before
+#: its key was added to authorized/ would stay locked out until restarted.
+AUTH_RETRY_S = 1.0
+_HANDSHAKE_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "auth",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail",
+}
 #: Types a worker produces; only these make a (run, worker) stream "alive" or "restarted".
 PRODUCER_TYPES = (protocol.PPO_UPDATE, protocol.HEARTBEAT)
 #: Deepest nesting of maps/lists an accepted event may have (the payload map is level 1).
@@ -135,7 +144,9 @@ class Subscriber:
         # read) waits for HANDSHAKE_SUCCEEDED, so a handshake finished before the monitor
         # was attached would leave this consumer silent for ever.
         self._monitor = self._sock.get_monitor_socket(
-            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         self._sock.connect(self.subscribe_endpoint)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
@@ -143,6 +154,10 @@ class Subscriber:
         self._snapshot_due = False
         self._first_snapshot_pending = self.snapshot_endpoint is not None
         self._closed = False
+        #: Failed handshakes by kind ("auth": key refused; "protocol"/"no_detail": e.g.
+        #: wrong server key, or CURVE on one side only). Warned about once per kind.
+        self.handshake_failures: Counter[str] = Counter()
+        self._retry_at: float | None = None
 
     @classmethod
     def from_args(cls, args: Any, **kwargs: Any) -> Subscriber:
@@ -156,6 +171,8 @@ class Subscriber:
         """Events that arrived within ``timeout_ms`` (snapshot events first after a
         (re)connect), validated, filtered and de-duplicated. Never busy-waits."""
         events: list[protocol.Event] = []
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_connect()
         if self._first_snapshot_pending:
             # Until the first snapshot is in, leave live events queued in the SUB socket:
             # reading them first would make the (older) cached history look like duplicates.
@@ -194,6 +211,37 @@ class Subscriber:
                 if self.connected:
                     log.warning("daemon at %s went away; waiting for it", self.subscribe_endpoint)
                 self.connected = False
+            elif message["event"] in _HANDSHAKE_FAILED:
+                self._handshake_failed(_HANDSHAKE_FAILED[message["event"]])
+
+    def _handshake_failed(self, kind: str) -> None:
+        self.handshake_failures[kind] += 1
+        if kind == "auth":
+            self._retry_at = time.monotonic() + AUTH_RETRY_S
+            if self.handshake_failures["auth"] > 1:
+                return
+        elif sum(self.handshake_failures.values()) - self.handshake_failures["auth"] > 1:
+            return
+        if kind == "auth":
+            log.warning("the daemon at %s refused this client's CURVE key (%s/client.key is not "
+                        "in its authorized/ directory); retrying every %.0f s",
+                        self.subscribe_endpoint, self.curve_client, AUTH_RETRY_S)
+        elif self.curve_client:
+            log.warning("CURVE handshake with %s failed: is %s/server.key the daemon's, and does "
+                        "the daemon run with --curve? retrying", self.subscribe_endpoint,
+                        self.curve_client)
+        else:
+            log.warning("handshake with %s failed: the daemon probably requires CURVE "
+                        "(--curve-client DIR); retrying", self.subscribe_endpoint)
+
+    def _retry_connect(self) -> None:
+        """Connect again after a refused key (ZeroMQ does not retry those by itself)."""
+        self._retry_at = None
+        try:
+            self._sock.disconnect(self.subscribe_endpoint)
+        except zmq.ZMQError:
+            pass  # ZeroMQ already dropped the endpoint
+        self._sock.connect(self.subscribe_endpoint)
 
     def _drain(self, events: list[protocol.Event]) -> None:
         sock = self._sock
