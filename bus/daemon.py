@@ -18,7 +18,8 @@ Guarantees:
 Snapshot protocol (DEALER or REQ client): request ``[b"SNAPSHOT", prefix...]`` (no
 prefix, or an empty one, means everything); reply ``[b"SNAPSHOT", b"<n>", topic_1,
 payload_1, ..., topic_n, payload_n]`` in arrival order, each pair the original two frames.
-A request the daemon does not understand gets ``[b"ERROR", b"<reason>"]``.
+A request the daemon does not understand, or one naming more than 64 prefixes, gets
+``[b"ERROR", b"<reason>"]``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ DEFAULT_IDLE_EVICT_S = 3600.0
 XSUB_RCVHWM = 100_000
 XPUB_SNDHWM = 20_000
 MAX_FORWARD_BATCH = 2000
+#: A snapshot request may name at most this many prefixes (the runtime sends <= 5): the
+#: reply costs streams x prefixes comparisons, and forwarding waits while it is built.
+MAX_SNAPSHOT_PREFIXES = 64
+#: Snapshot replies queued per client that does not read them; beyond, they are dropped,
+#: so a client that asks and never reads cannot pile up copies of the cache.
+SNAPSHOT_SNDHWM = 16
 _NOBLOCK = int(zmq.NOBLOCK)
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
@@ -210,7 +217,7 @@ class Daemon:
         # before the first subscriber arrives would never reach the cache).
         self.xsub.send(b"\x01")
         self.xpub = self._bind(zmq.XPUB, subscribe, curve_dir, sndhwm=XPUB_SNDHWM)
-        self.router = self._bind(zmq.ROUTER, snapshot, curve_dir)
+        self.router = self._bind(zmq.ROUTER, snapshot, curve_dir, sndhwm=SNAPSHOT_SNDHWM)
         self.endpoints = {
             "publish": self.xsub.getsockopt_string(zmq.LAST_ENDPOINT),
             "subscribe": self.xpub.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -360,6 +367,10 @@ class Daemon:
                 identity, body = request[:2], request[2:]
             if not body or body[0] != b"SNAPSHOT":
                 self._send_reply(identity, [b"ERROR", b"expected SNAPSHOT request"])
+                continue
+            if len(body) - 1 > MAX_SNAPSHOT_PREFIXES:
+                self._send_reply(identity, [b"ERROR", b"too many prefixes (at most %d)"
+                                            % MAX_SNAPSHOT_PREFIXES])
                 continue
             pairs = self.cache.snapshot(body[1:])
             reply = [b"SNAPSHOT", str(len(pairs)).encode()]
