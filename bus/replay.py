@@ -26,15 +26,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
-import signal
 import sys
-import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from bus import cli, protocol
+from bus.lifecycle import install_stop_handlers
 from bus.publisher import EventPublisher
 from bus.recording import ReadResult, RecordingError, iter_recording
 
@@ -83,22 +82,11 @@ class Rewriter:
         return protocol.encode(payload)
 
 
-def _stop_event() -> threading.Event:
-    stop = threading.Event()
-
-    def _handler(signum: int, frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, _handler)
-    signal.signal(signal.SIGTERM, _handler)
-    return stop
-
-
 def run(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.is_file():
         raise FileNotFoundError(f"no recording at {path}")
-    stop = _stop_event()
+    stop = install_stop_handlers()
     rewrite = Rewriter(args.run) if args.run else None
     results: list[ReadResult] = []
     records = iter_recording(path, results)
