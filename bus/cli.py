@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tail": ("consumers.tail", "print events as they arrive (rich lines or strict JSON)"),
     "monitor": ("consumers.monitor", "live console: sparklines, trends, health, alerts"),
     "aggregate": ("consumers.aggregate", "per-run rollups across workers, published as ppo_summary"),
-    "alert": ("consumers.alerting", "Prometheus-style alerting on gradient and PPO health"),
+    "alert": ("consumers.alerting.process", "Prometheus-style alerting on gradient and PPO health"),
     "record": ("consumers.record", "append every event to a crash-safe recording"),
     "prometheus": ("consumers.prometheus_exporter", "serve /metrics for Prometheus scrapes"),
 }

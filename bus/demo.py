@@ -234,7 +234,7 @@ def _can_train() -> tuple[bool, str]:
 
 def _alerting_available() -> bool:
     try:
-        return importlib.util.find_spec("consumers.alerting") is not None
+        return importlib.util.find_spec("consumers.alerting.process") is not None
     except (ImportError, ValueError):
         return False
 
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
         if _alerting_available():
             sup.start("alert", ["alert", "--log", str(log_dir / "alerts.jsonl")])
         else:
-            print("trainbus demo: note: consumers.alerting not installed; no alerting process",
+            print("trainbus demo: note: consumers.alerting.process not installed; no alerting process",
                   file=sys.stderr, flush=True)
         monitor = sup.start("monitor", ["monitor", "--refresh", f"{args.refresh:g}"],
                             stdout_to_log=False)

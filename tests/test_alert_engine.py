@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from consumers.alert_engine import AlertEngine, Notification
-from consumers.alert_rules import default_rules
+from consumers.alerting.engine import AlertEngine, Notification
+from consumers.alerting.rules import default_rules
 from consumers.runtime import StreamState
 from tests.conftest import ppo_fields
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from consumers.alert_rules import (
+from consumers.alerting.rules import (
     DROPPED_RULE,
     NONFINITE_RULE,
     SILENT_RULE,

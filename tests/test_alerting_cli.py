@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from bus.protocol import from_json_value
-from consumers.alert_engine import AlertEngine, Notification
-from consumers.alert_rules import default_rules
-from consumers.alert_sinks import Dispatcher, ExecSink, JsonlSink, WebhookSink
+from consumers.alerting.engine import AlertEngine, Notification
+from consumers.alerting.rules import default_rules
+from consumers.alerting.sinks import Dispatcher, ExecSink, JsonlSink, WebhookSink
 from consumers.runtime import Subscriber
 from emitter.telemetry import TelemetryEmitter
 from tests.conftest import ppo_fields, trainbus_cmd, wait_for

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bus import protocol
-from consumers.alert_rules import Rule
+from consumers.alerting.rules import Rule
 
 Key = tuple[str, int | str, str]
 

@@ -16,9 +16,9 @@ import time
 
 from bus import endpoints, protocol
 from bus.cli import UsageError, add_subscriber_arguments, positive_float, run_name
-from consumers.alert_engine import AlertEngine
-from consumers.alert_rules import RulesError, load_rules
-from consumers.alert_sinks import (
+from consumers.alerting.engine import AlertEngine
+from consumers.alerting.rules import RulesError, load_rules
+from consumers.alerting.sinks import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_WEBHOOK_TIMEOUT_S,
     BusSink,

@@ -8,7 +8,7 @@ Two families, because they fail differently:
   thread behind a bounded queue, so a slow endpoint can never delay evaluation of the next
   event; when the queue is full the *oldest* waiting notification is dropped (the newest
   state is the one worth delivering) and counted. They get only notifications that
-  :attr:`~consumers.alert_engine.Notification.pages` (firing, escalation, reminders,
+  :attr:`~consumers.alerting.engine.Notification.pages` (firing, escalation, reminders,
   resolution), as Alertmanager never pages on pending alerts.
 
 No sink's failure stops the process: errors are logged (rate-limited) and counted.
@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.text import Text
 
 from bus import protocol
-from consumers.alert_engine import Notification
+from consumers.alerting.engine import Notification
 
 log = logging.getLogger(__name__)
 
