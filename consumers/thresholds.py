@@ -3,11 +3,18 @@
 Defaults follow the reference telemetry card: post-clip grad norm healthy 0.1..5.0,
 warning above 5, critical above 10, vanishing below 0.1 a warning, NaN/inf critical at once.
 One table, so that the monitor's colour and the alert's severity can never disagree.
+
+Those absolute levels suit a large clip (the card's source used ``max_grad_norm = 40``).
+With PPO's common 0.5 the post-clip norm can never pass 0.5, so an explosion has to show
+in the *pre*-clip norm, and no absolute level suits every model there: a :class:`Spike`
+judges the latest value against the median of the worker's own recent history instead.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -96,3 +103,56 @@ class HealthTable:
 
 
 DEFAULT_HEALTH = HealthTable()
+
+
+# ---------------------------------------------------------------------- spikes
+
+
+@dataclass(frozen=True, slots=True)
+class Spike:
+    """A value far above its own recent past: ``value / median(previous) > level``.
+
+    ``previous`` is what the 10-entry history held before this value (up to 9 values, the
+    oldest first); the ratio is judged only with at least ``min_history`` finite ones, so a
+    run's first updates (when every norm moves fast) are left alone. The median rather than
+    the mean, so one earlier spike does not hide the next. A relative rule sees *changes*:
+    a norm that jumps 20x and stays there is a spike for a few updates, until the median
+    catches up; the absolute thresholds above are what judge a level.
+    """
+
+    name: str
+    metric: str
+    warning: float | None
+    critical: float | None
+    min_history: int = 5
+    description: str = ""
+
+    def ratio(self, previous: Sequence[float], value: float) -> float | None:
+        """``value`` over the median of the finite ``previous`` values; None when there is
+        too little history, the value is not finite, or the median is not positive."""
+        if not math.isfinite(value):
+            return None
+        finite = [v for v in previous if math.isfinite(v)]
+        if len(finite) < self.min_history:
+            return None
+        median = statistics.median(finite)
+        if median <= 0:
+            return None
+        return value / median
+
+    def severity(self, ratio: float | None) -> Severity:
+        if ratio is None:
+            return "ok"
+        if self.critical is not None and ratio > self.critical:
+            return "critical"
+        if self.warning is not None and ratio > self.warning:
+            return "warning"
+        return "ok"
+
+
+#: Levels judged on recorded real runs (README, "Alerts"); see :class:`Spike`.
+DEFAULT_SPIKES: tuple[Spike, ...] = (
+    Spike("pre_clip_grad_norm_spike", "pre_clip_grad_norm", 5.0, 20.0,
+          description="pre-clip gradient norm far above this worker's recent median: "
+                      "gradients are exploding (clipping may hide it from grad_norm)"),
+)
