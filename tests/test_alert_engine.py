@@ -24,11 +24,13 @@ def engine(**overrides: dict) -> AlertEngine:
 def feed(eng: AlertEngine, values: list[float], *, metric: str = "grad_norm", start: float = 0.0,
          step: float = 1.0, run: str = "r", worker: int = 0, first_update: int = 100,
          **extra: float) -> list[Notification]:
-    """One update per value, the clock advancing ``step`` seconds per update."""
+    """One update per value, the clock advancing ``step`` seconds per update; a tick after
+    each, as ``trainbus alert`` ticks at least every 0.25 s (held pages are released there)."""
     out: list[Notification] = []
     for i, value in enumerate(values):
         fields = ppo_fields(first_update + i, **{metric: value}, **extra)
         out.extend(eng.observe_fields(run, worker, fields, now=start + i * step))
+        out.extend(eng.tick(start + i * step))
     return out
 
 
@@ -114,7 +116,8 @@ def test_straight_to_critical_fires_critical_only():
 def test_critical_resolves_directly_when_value_falls_past_clear():
     eng = engine()
     feed(eng, [50.0] * 3)
-    assert by(feed(eng, [1.0] * 3, start=10)) == [("resolved", "resolved", "critical")]
+    # (past the fired page's group_interval, so the resolution is not held: see below)
+    assert by(feed(eng, [1.0] * 3, start=100)) == [("resolved", "resolved", "critical")]
 
 
 def test_noisy_value_crossing_the_whole_band_does_not_flap():
@@ -123,7 +126,11 @@ def test_noisy_value_crossing_the_whole_band_does_not_flap():
     assert by(notes)[-1] == ("fired", "firing", "warning")
     # 7 / 1 alternating crosses warning and clear every update: still one alert, no
     # resolve/fire storm, because resolving needs `clear_for` consecutive clean updates.
-    assert feed(eng, [1.0, 7.0] * 200, start=3) == []
+    notes = feed(eng, [1.0, 7.0] * 200, start=3)
+    assert by(notes, "grad_norm_high") == []
+    # (The pre-clip norm swinging 7x every update is a spike pattern: pending at most,
+    # never a page.)
+    assert not any(n.pages for n in notes)
 
 
 def test_nan_is_immediately_critical_and_threshold_rules_stay_quiet():
@@ -142,10 +149,10 @@ def test_inf_in_pre_clip_norm_fires_and_recovery_resolves_once_after_clear_for()
     notes = feed(eng, [math.inf], metric="pre_clip_grad_norm")
     assert by(notes) == [("fired", "firing", "critical")] and notes[0].metric == "pre_clip_grad_norm"
     clear_for = eng.rules["nonfinite"].clear_for
-    notes = feed(eng, [2.0] * (clear_for + 20), metric="pre_clip_grad_norm", start=1)
+    notes = feed(eng, [2.0] * (clear_for + 20), metric="pre_clip_grad_norm", start=100)
     assert by(notes) == [("resolved", "resolved", "critical")]
     # It resolves exactly when the NaN has left a clear_for-long history.
-    assert notes[0].at == clear_for
+    assert notes[0].at == 100 + clear_for - 1
 
 
 def test_nonfinite_grad_count_is_a_breach():
@@ -189,7 +196,7 @@ def test_vanishing_gradient_is_a_warning_only():
     notes = feed(eng, [0.001] * 20)
     assert by(notes, "grad_norm_vanishing") == [("pending", "pending", "warning"),
                                                 ("fired", "firing", "warning")]
-    assert by(feed(eng, [0.2] * 5, start=50), "grad_norm_vanishing") == [
+    assert by(feed(eng, [0.2] * 5, start=100), "grad_norm_vanishing") == [
         ("resolved", "resolved", "warning")]
 
 
@@ -266,3 +273,135 @@ def test_alert_fields_follow_the_schema():
         payload = note.fields()
         validate_fields(payload, "alert")
         assert set(payload) >= {"state", "severity", "rule", "metric", "since", "transition"}
+
+
+# ---------------------------------------------------------------------- severity discipline
+
+
+def test_escalation_needs_for_consecutive_critical_updates():
+    eng = engine()  # grad_norm_high: for = 3, critical 10
+    assert by(feed(eng, [7.0] * 3))[-1] == ("fired", "firing", "warning")
+    # Critical every other update (the pattern that paged "escalated" every few updates on
+    # real runs): never three in a row, so never critical.
+    assert feed(eng, [12.0, 12.0, 8.0] * 100, start=10) == []
+    assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "warning")
+    assert by(feed(eng, [12.0] * 3, start=400)) == [("escalated", "firing", "critical")]
+
+
+def test_deescalation_needs_clear_for_consecutive_updates_past_critical_clear():
+    eng = engine()  # critical_clear 9.0, clear_for = for = 3
+    feed(eng, [12.0] * 3)
+    assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "critical")
+    # One or two warning-level updates at a time: still critical, nothing sent.
+    assert feed(eng, [7.0, 7.0, 12.0] * 100, start=100) == []
+    assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "critical")
+    assert by(feed(eng, [7.0] * 3, start=500)) == [("deescalated", "firing", "warning")]
+
+
+# ---------------------------------------------------------------------- paging floor
+
+
+def test_oscillating_severity_pages_once_then_only_net_changes_per_group_interval():
+    eng = engine(grad_norm_high={"repeat": 300.0})  # group_interval 60 s (default)
+    # Ten minutes of a value that sits critical for 5 updates, then warning for 5.
+    notes = feed(eng, ([12.0] * 5 + [7.0] * 5) * 60)
+    pages = [n for n in notes if n.pages]
+    assert by(pages)[0] == ("fired", "firing", "critical")
+    # Each window of group_interval holds at most one state change, and reminders come
+    # every `repeat`; far from the ~120 escalations/de-escalations the values went through.
+    changes = [n for n in pages if not n.reminder]
+    assert all(b.at - a.at >= 60 for a, b in zip(changes, changes[1:], strict=False))
+    assert len(pages) <= 1 + 600 // 60 + 2
+    assert eng.counts["held"] > 50
+
+
+def test_change_and_change_back_within_group_interval_sends_nothing():
+    eng = engine()
+    notes = feed(eng, [7.0] * 3 + [12.0] * 3 + [7.0] * 3)  # escalated, then de-escalated
+    assert by([n for n in notes if n.pages]) == [("fired", "firing", "warning")]
+    # Past the floor, the key is back where the last page left it: still nothing.
+    assert [n for n in feed(eng, [7.0] * 100, start=9) if n.pages] == []
+    assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "warning")
+
+
+def test_resolution_inside_group_interval_is_held_then_sent_once():
+    eng = engine()
+    fired = feed(eng, [50.0] * 3)  # fired at t = 2
+    assert by(fired)[-1] == ("fired", "firing", "critical")
+    assert feed(eng, [1.0] * 3, start=10) == []  # resolved at t = 12: held
+    assert eng.tick(61.9) == []
+    released = eng.tick(62.0)
+    assert by(released) == [("resolved", "resolved", "critical")]
+    assert released[0].pages and eng.tick(200.0) == []
+
+
+def test_resolve_and_fire_again_inside_group_interval_is_no_news():
+    eng = engine()
+    feed(eng, [50.0] * 3)
+    notes = feed(eng, [1.0] * 3 + [50.0] * 3, start=10)  # resolved, pending, fired again
+    assert [n for n in notes if n.pages] == []
+    assert [n for n in feed(eng, [50.0] * 100, start=16) if n.pages] == []
+
+
+def test_pending_near_misses_are_limited_per_group_interval():
+    eng = engine()
+    # Two breaching updates then three healthy ones, over and over: pending, cancelled...
+    notes = feed(eng, [7.0, 7.0, 1.0, 1.0, 1.0] * 40)  # 200 s
+    kinds = Counter(n.transition for n in notes if n.rule == "grad_norm_high")
+    assert kinds["pending"] == kinds["cancelled"] <= 200 // 60 + 1
+    assert not any(n.pages for n in notes)
+    assert eng.counts["suppressed"] > 50
+
+
+def test_group_interval_zero_restores_immediate_paging():
+    eng = engine(grad_norm_high={"group_interval": 0.0})
+    notes = feed(eng, [7.0] * 3 + [12.0] * 3 + [7.0] * 3 + [1.0] * 3)
+    assert by([n for n in notes if n.pages]) == [
+        ("fired", "firing", "warning"), ("escalated", "firing", "critical"),
+        ("deescalated", "firing", "warning"), ("resolved", "resolved", "warning")]
+
+
+# ---------------------------------------------------------------------- finished workers
+
+
+def test_finished_worker_is_not_silent_and_its_silence_alert_resolves():
+    eng = engine()
+    stream = StreamState("r", 3, last_received=100.0)
+    streams = {("r", 3): stream}
+    assert by(eng.tick(131.0, streams=streams)) == [("fired", "firing", "warning")]
+    stream.finished = True  # its closing heartbeat arrived after all
+    assert by(eng.tick(200.0, streams=streams)) == [("resolved", "resolved", "warning")]
+    assert eng.tick(5000.0, streams=streams) == []
+    other = StreamState("r", 4, last_received=100.0)
+    other.finished = True
+    assert eng.tick(10_000.0, streams={("r", 4): other}) == []
+
+
+# ---------------------------------------------------------------------- pre-clip spikes
+
+
+def test_pre_clip_spike_fires_at_any_clip_while_grad_norm_stays_clipped():
+    eng = engine()
+    calm = [2.0, 2.5, 1.8, 2.2, 2.1, 1.9, 2.4, 2.0, 2.3] * 3  # healthy noise
+    notes = feed(eng, calm, metric="pre_clip_grad_norm", grad_norm=0.5)
+    assert notes == []
+    # The gradient explodes; clipping holds grad_norm at 0.5 throughout.
+    notes = feed(eng, [15.0, 40.0, 90.0, 200.0], metric="pre_clip_grad_norm", grad_norm=0.5,
+                 start=100)
+    spike = by(notes, "pre_clip_grad_norm_spike")
+    assert spike[0] == ("pending", "pending", "warning")
+    assert ("fired", "firing", "critical") in spike
+    fired = next(n for n in notes if n.transition == "fired")
+    assert fired.metric == "pre_clip_grad_norm" and fired.value > 20 and fired.threshold == 20.0
+    assert "median" in fired.summary
+    assert by(notes, "grad_norm_high") == []
+
+
+def test_pre_clip_spike_needs_history_and_ignores_nonfinite():
+    eng = engine()
+    # Four values are too few to judge (min_history 5), however wild.
+    assert feed(eng, [1.0, 100.0, 1.0, 1000.0], metric="pre_clip_grad_norm") == []
+    eng = engine()
+    notes = feed(eng, [1.0] * 9 + [math.nan] + [1.1] * 5, metric="pre_clip_grad_norm")
+    assert by(notes, "pre_clip_grad_norm_spike") == []
+    assert by(notes, "nonfinite")[0] == ("fired", "firing", "critical")

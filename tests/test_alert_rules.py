@@ -120,6 +120,13 @@ def test_silent_after_flag_overrides(tmp_path):
     ("[rule.grad_norm_high]\nwarning = 5\n", "rule"),
     ("[defaults]\nwarning = 5\n", "defaults.warning"),
     ("[defaults]\nfor = -2\n", "defaults.for"),
+    ("[defaults]\ngroup_interval = -1\n", "defaults.group_interval"),
+    ("[rules.grad_norm_high]\ngroup_interval = \"1m\"\n", "rules.grad_norm_high.group_interval"),
+    ("[rules.pre_clip_grad_norm_spike]\nwarning = 0.5\n", "rules.pre_clip_grad_norm_spike.warning"),
+    ("[rules.pre_clip_grad_norm_spike]\nmin_history = 0\n",
+     "rules.pre_clip_grad_norm_spike.min_history"),
+    ("[rules.pre_clip_grad_norm_spike]\nop = \"<\"\n", "rules.pre_clip_grad_norm_spike.op"),
+    ("[rules.my_spike]\nkind = \"spike\"\nwarning = 3\n", "rules.my_spike.metric"),
 ])
 def test_bad_rules_file_names_the_key(tmp_path, text, key):
     path = write(tmp_path, text)
@@ -141,3 +148,27 @@ def test_invalid_toml_is_one_line(tmp_path):
 def test_missing_file_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_rules(tmp_path / "nope.toml")
+
+
+def test_spike_rules_and_paging_floor_from_toml(tmp_path):
+    path = write(tmp_path, """
+[defaults]
+group_interval = 120
+
+[rules.pre_clip_grad_norm_spike]
+warning = 4
+min_history = 7
+
+[rules.value_loss_spike]
+kind = "spike"
+metric = "value_loss"
+critical = 50
+""")
+    rules = load_rules(path)
+    spike = rules["pre_clip_grad_norm_spike"]
+    assert (spike.kind, spike.warning, spike.critical, spike.min_history) == ("spike", 4.0, 20.0, 7)
+    assert spike.clear_level == pytest.approx(3.6)  # hysteresis re-derived from the new level
+    added = rules["value_loss_spike"]
+    assert (added.kind, added.metric, added.warning, added.critical) == ("spike", "value_loss", None, 50.0)
+    assert all(rule.group_interval == 120.0 for rule in rules.values())
+    assert "value_loss over the median" in added.describe()

@@ -9,9 +9,22 @@ States and transitions (each transition is exactly one :class:`Notification`)::
     inactive --breach--> pending --`for` breaching updates--> firing --past clear--> resolved
                             \\--past clear (never fired)--> resolved, transition "cancelled"
     ("past clear" = ``clear_for`` consecutive observations past the clear level)
-    firing(warning) --`for` critical updates--> firing(critical)   transition "escalated"
-    firing(critical) --past critical_clear--> firing(warning)      transition "deescalated"
+    firing(warning) --`for` consecutive critical updates--> firing(critical)  "escalated"
+    firing(critical) --`clear_for` consecutive updates past critical_clear--> firing(warning)
+                                                                    transition "deescalated"
     firing --every `repeat` seconds--> reminder (same state, reminder=True)
+
+Severity changes keep the same discipline as firing and resolving: consecutive
+observations, both ways, so a value wandering across the critical level is not a page
+every few updates (the flapping seen on real runs before this rule).
+
+Paging floor (Alertmanager's ``group_interval``, per rule): once a key has paged, a
+further paging transition within ``group_interval`` seconds is *held*, not sent; when the
+interval has passed (checked on :meth:`tick`) only the net change goes out — resolved,
+fired again, escalated or de-escalated relative to what was last sent — or nothing, when
+the key is back where the last page left it. Pending notifications are limited the same
+way: at most one pending (and its cancelled) per key per ``group_interval``; the others
+are counted as ``suppressed``, so the console and the log are not a stream of near-misses.
 
 Hysteresis (Schmitt trigger): between ``clear`` and the breach level a value is "in the
 band"; it neither advances nor cancels a pending alert, neither escalates nor resolves a
@@ -37,6 +50,8 @@ from typing import Any, Protocol
 
 from bus import protocol
 from consumers.alerting.rules import Rule
+from consumers.history import HISTORY_LEN
+from consumers.thresholds import Spike
 
 Key = tuple[str, int | str, str]
 
@@ -45,8 +60,14 @@ PENDING, CANCELLED, FIRED, ESCALATED, DEESCALATED, RESOLVED, REMINDER = (
     "pending", "cancelled", "fired", "escalated", "deescalated", "resolved", "reminder")
 
 
+#: Transitions that reach pager sinks (and count against ``group_interval``).
+PAGING = frozenset({FIRED, ESCALATED, DEESCALATED, RESOLVED, REMINDER})
+
+
 class StreamLike(Protocol):
-    """What the engine reads from consumers.runtime.StreamState (duck-typed for tests)."""
+    """What the engine reads from consumers.runtime.StreamState (duck-typed for tests;
+    an optional ``finished`` attribute, True after the worker's closing heartbeat, keeps
+    a worker that ended cleanly out of the silence rule)."""
 
     last_received: float
     dropped: int
@@ -73,7 +94,7 @@ class Notification:
     @property
     def pages(self) -> bool:
         """Whether pager-style sinks (exec, webhook) get it: firing, its changes, its end."""
-        return self.transition not in (PENDING, CANCELLED)
+        return self.transition in PAGING
 
     @property
     def key(self) -> Key:
@@ -112,8 +133,20 @@ class _Alert:
     value: float | None
     count: int = 1  # breaching updates seen while pending
     escalate: int = 0  # consecutive critical observations while firing warning
+    calm: int = 0  # consecutive observations past critical_clear while firing critical
     clean: int = 0  # consecutive cleared observations (toward clear_for)
     last_sent: float = 0.0  # monotonic time of the last notification for this key
+    announced: bool = False  # its pending notification went out (so its cancel does too)
+
+
+@dataclass(slots=True)
+class _Paged:
+    """What the pager sinks were last told about one key, and when (monotonic). Reminders
+    do not move ``at``: the floor spaces state changes, and a reminder is not one."""
+
+    state: str  # firing | resolved
+    severity: str
+    at: float
 
 
 @dataclass(slots=True)
@@ -148,8 +181,17 @@ class AlertEngine:
         self._nonfinite = tuple(r for r in self.rules.values() if r.kind == "nonfinite")
         self._silent = tuple(r for r in self.rules.values() if r.kind == "silent")
         self._dropped = tuple(r for r in self.rules.values() if r.kind == "dropped")
+        self._spike = tuple(r for r in self.rules.values() if r.kind == "spike")
         self._alerts: dict[Key, _Alert] = {}
         self._drops: dict[tuple[str, int | str, str], _DropWindow] = {}
+        # Paging floor: the last paged state per key; keys with a held change (and the
+        # alert as it was at that change, for a resolution whose alert is gone).
+        self._paged: dict[Key, _Paged] = {}
+        self._held: dict[Key, _Alert] = {}
+        self._last_pending: dict[Key, float] = {}
+        # Spike rules: the values before the latest one (the 10-entry history minus it).
+        self._previous: dict[Key, deque[float]] = {}
+        self._replaying = False
         self.counts: Counter[str] = Counter()
 
     # ------------------------------------------------------------------ inputs
@@ -180,6 +222,22 @@ class AlertEngine:
                        rule.past(value, rule.clear_level),
                        rule.past(value, rule.critical_clear_level),
                        value, rule.metric, now, wall, out)
+        for rule in self._spike:
+            value = fields.get(rule.metric)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            value = float(value)
+            key = (run, worker, rule.name)
+            previous = self._previous.get(key)
+            if previous is None:
+                previous = self._previous[key] = deque(maxlen=HISTORY_LEN - 1)
+            ratio = _spike(rule).ratio(previous, value)
+            previous.append(value)  # NaN too: it is history (Spike.ratio skips it)
+            if ratio is None:
+                continue  # too little finite history, or a non-finite value: no evidence
+            self._step(key, rule, rule.level_of(ratio), rule.past(ratio, rule.clear_level),
+                       rule.past(ratio, rule.critical_clear_level), ratio, rule.metric,
+                       now, wall, out)
         for rule in self._nonfinite:
             bad_metric, bad_value, seen = None, None, False
             for name in rule.metrics:
@@ -212,9 +270,14 @@ class AlertEngine:
                 out.extend(self.observe(event, now, wall))
             return out
         before = {key: (a.state, a.severity) for key, a in self._alerts.items()}
+        paged, held = dict(self._paged), dict(self._held)
         notes: list[Notification] = []
-        for event in events:
-            notes.extend(self.observe(event, now, wall))
+        self._replaying = True  # no paging floor inside the batch: it has one `now`
+        try:
+            for event in events:
+                notes.extend(self.observe(event, now, wall))
+        finally:
+            self._replaying = False
         last = {note.key: note for note in notes}
         kept = []
         for key, note in last.items():
@@ -223,8 +286,13 @@ class AlertEngine:
                 kept.append(note)
         for note in notes:
             self.counts[note.transition] -= 1
+        # The pager was told only what is kept: the floor restarts from that.
+        self._paged, self._held = paged, held
         for note in kept:
             self.counts[note.transition] += 1
+            if note.pages and not note.reminder:
+                self._paged[note.key] = _Paged(note.state, note.severity, now)
+                self._held.pop(note.key, None)
         return kept
 
     def tick(self, now: float, wall: float | None = None,
@@ -234,7 +302,14 @@ class AlertEngine:
         wall = now if wall is None else wall
         out: list[Notification] = []
         for (run, worker), stream in (streams or {}).items():
-            if stream.last_received > 0:
+            if getattr(stream, "finished", False):
+                # Ended cleanly (closing heartbeat): quiet is expected, and a silence
+                # alert raised before the goodbye arrived is over.
+                for rule in self._silent:
+                    if (run, worker, rule.name) in self._alerts:
+                        self._step((run, worker, rule.name), rule, None, True, True, 0.0,
+                                   rule.metric, now, wall, out, force_clear=True)
+            elif stream.last_received > 0:
                 age = max(0.0, now - stream.last_received)
                 for rule in self._silent:
                     self._step((run, worker, rule.name), rule, rule.level_of(age),
@@ -250,6 +325,8 @@ class AlertEngine:
                            lost, rule.metric, now, wall, out)
         for key, alert in list(self._alerts.items()):
             self._maybe_remind(key, alert, now, wall, out)
+        self._release_held(now, wall, out)
+        self._forget_quiet_keys(now)
         return out
 
     # ------------------------------------------------------------------ views
@@ -266,10 +343,11 @@ class AlertEngine:
 
     def _step(self, key: Key, rule: Rule, level: str | None, cleared: bool, crit_cleared: bool,
               value: float | None, metric: str, now: float, wall: float,
-              out: list[Notification]) -> None:
+              out: list[Notification], force_clear: bool = False) -> None:
         """Advance one key by one observation. ``level`` is the severity this observation
-        breaches (None: none); ``cleared``/``crit_cleared``: past clear / critical_clear."""
-        need = rule.for_ if rule.kind == "threshold" else 1
+        breaches (None: none); ``cleared``/``crit_cleared``: past clear / critical_clear.
+        ``force_clear`` resolves at once (the stream it watches has ended)."""
+        need = rule.for_ if rule.kind in ("threshold", "spike") else 1
         alert = self._alerts.get(key)
         if alert is None:
             if level is None:
@@ -286,7 +364,8 @@ class AlertEngine:
             alert.clean = 0
         elif cleared:
             alert.clean += 1
-            if alert.clean >= rule.clear_after:
+            alert.count = 0  # a healthy observation breaks a pending streak (band values hold it)
+            if alert.clean >= rule.clear_after or force_clear:
                 del self._alerts[key]
                 self._emit(key, rule, alert, RESOLVED if alert.state == "firing" else CANCELLED,
                            now, wall, out)
@@ -303,32 +382,59 @@ class AlertEngine:
             return
 
         if alert.severity == "warning":
-            if level == "critical":
-                alert.escalate += 1
-                if alert.escalate >= need:
-                    alert.severity, alert.since, alert.escalate = "critical", wall, 0
-                    self._emit(key, rule, alert, ESCALATED, now, wall, out)
-                    return
-            elif crit_cleared:
-                alert.escalate = 0
-        elif level != "critical" and rule.warning is not None and crit_cleared:
-            alert.severity, alert.since = "warning", wall
-            self._emit(key, rule, alert, DEESCALATED, now, wall, out)
-            return
+            # Escalate on `for` *consecutive* critical observations.
+            alert.escalate = alert.escalate + 1 if level == "critical" else 0
+            if alert.escalate >= need:
+                alert.severity, alert.since, alert.escalate = "critical", wall, 0
+                self._emit(key, rule, alert, ESCALATED, now, wall, out)
+                return
+        elif rule.warning is not None:
+            # De-escalate on `clear_for` consecutive observations past critical_clear.
+            alert.calm = alert.calm + 1 if level != "critical" and crit_cleared else 0
+            if alert.calm >= rule.clear_after:
+                alert.severity, alert.since, alert.calm = "warning", wall, 0
+                self._emit(key, rule, alert, DEESCALATED, now, wall, out)
+                return
         self._maybe_remind(key, alert, now, wall, out)
 
     def _fire(self, key: Key, rule: Rule, alert: _Alert, now: float, wall: float,
               out: list[Notification]) -> None:
-        alert.state, alert.since, alert.escalate = "firing", wall, 0
+        alert.state, alert.since, alert.escalate, alert.calm = "firing", wall, 0, 0
         self._emit(key, rule, alert, FIRED, now, wall, out)
 
     def _maybe_remind(self, key: Key, alert: _Alert, now: float, wall: float,
                       out: list[Notification]) -> None:
         rule = self.rules[key[2]]
-        if alert.state == "firing" and rule.repeat > 0 and now - alert.last_sent >= rule.repeat:
+        if alert.state != "firing" or rule.repeat <= 0 or key in self._held:
+            return
+        paged = self._paged.get(key)  # a reminder follows the last *page*, whichever alert
+        last = max(alert.last_sent, paged.at) if paged is not None else alert.last_sent
+        if now - last >= rule.repeat:
             self._emit(key, rule, alert, REMINDER, now, wall, out)
 
     def _emit(self, key: Key, rule: Rule, alert: _Alert, transition: str, now: float,
+              wall: float, out: list[Notification]) -> None:
+        """Send one transition, unless the paging floor or the pending limit holds it."""
+        if not self._replaying:
+            if transition == PENDING:
+                last = self._last_pending.get(key)
+                if last is not None and now - last < rule.group_interval:
+                    self.counts["suppressed"] += 1
+                    return
+                self._last_pending[key] = now
+                alert.announced = True
+            elif transition == CANCELLED and not alert.announced:
+                self.counts["suppressed"] += 1
+                return
+            elif transition in PAGING and transition != REMINDER:
+                paged = self._paged.get(key)
+                if paged is not None and now - paged.at < rule.group_interval:
+                    self._held[key] = alert  # the net change goes out on a later tick
+                    self.counts["held"] += 1
+                    return
+        self._send(key, rule, alert, transition, now, wall, out)
+
+    def _send(self, key: Key, rule: Rule, alert: _Alert, transition: str, now: float,
               wall: float, out: list[Notification]) -> None:
         if transition in (RESOLVED, CANCELLED):
             state, since, threshold = "resolved", wall, rule.clear_level
@@ -338,12 +444,48 @@ class AlertEngine:
         if rule.kind == "nonfinite":
             threshold = None
         alert.last_sent = now
+        if transition in PAGING and transition != REMINDER:
+            self._paged[key] = _Paged(state, alert.severity, now)
+            self._held.pop(key, None)
         self.counts[transition] += 1
         out.append(Notification(
             run=key[0], worker=key[1], rule=key[2], metric=alert.metric, state=state,
             severity=alert.severity, since=since, transition=transition, at=wall,
             value=alert.value, threshold=threshold, reminder=transition == REMINDER,
             summary=_summary(rule, alert, transition, threshold)))
+
+    def _release_held(self, now: float, wall: float, out: list[Notification]) -> None:
+        """Send the net change of every held key whose ``group_interval`` has passed."""
+        for key, snapshot in list(self._held.items()):
+            rule, paged = self.rules[key[2]], self._paged[key]
+            if now - paged.at < rule.group_interval:
+                continue
+            del self._held[key]
+            alert = self._alerts.get(key)
+            if alert is not None and alert.state == "firing":
+                if paged.state == "resolved":
+                    transition = FIRED
+                elif alert.severity != paged.severity:
+                    transition = ESCALATED if alert.severity == "critical" else DEESCALATED
+                else:
+                    continue  # back where the last page left it: nothing new to say
+                self._send(key, rule, alert, transition, now, wall, out)
+            elif paged.state == "firing":
+                self._send(key, rule, snapshot, RESOLVED, now, wall, out)
+
+    def _forget_quiet_keys(self, now: float) -> None:
+        """Drop paging/pending bookkeeping of keys that are inactive and past their floor,
+        so memory follows the active alerts, not every key that ever fired."""
+        for table in (self._paged, self._last_pending):
+            for key in [k for k in table if k not in self._alerts and k not in self._held]:
+                at = table[key].at if isinstance(table[key], _Paged) else table[key]
+                if now - at >= self.rules[key[2]].group_interval:
+                    del table[key]
+
+
+def _spike(rule: Rule) -> Spike:
+    """The shared spike definition for a spike rule (levels judged by the rule itself)."""
+    return Spike(rule.name, rule.metric, rule.warning, rule.critical, rule.min_history)
 
 
 def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None) -> str:
@@ -363,6 +505,9 @@ def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None
         head = f"no event for {alert.value or 0:.0f} s (> {_fmt(threshold)} s)"
     elif rule.kind == "dropped":
         head = f"{value} events lost in the last {rule.window:g} s"
+    elif rule.kind == "spike":
+        head = (f"{rule.metric} at {value}x its median over the previous updates "
+                f"(> {_fmt(threshold)}x)")
     else:
         head = f"{rule.metric} = {value} {rule.op} {_fmt(threshold)}"
     verb = {PENDING: "pending", ESCALATED: "escalated", DEESCALATED: "de-escalated",

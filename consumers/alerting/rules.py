@@ -10,9 +10,20 @@ The model is a Prometheus alerting rule with the knobs a training run needs:
   level cannot flap. ``critical_clear`` is the same for de-escalation critical → warning.
 * ``kind = "nonfinite"``: NaN/inf in any of ``metrics`` (or ``nonfinite_grad_count > 0``)
   is critical at once — no pending, because a NaN gradient has already been applied.
+* ``kind = "spike"``: one numeric field judged against the worker's own recent past
+  (:class:`consumers.thresholds.Spike`): ``warning``/``critical`` are *factors* of the
+  median of the previous values in the 10-entry history (none before ``min_history``).
+  It makes an exploding gradient visible at any clip, where ``grad_norm`` (post-clip) is
+  pinned at ``max_grad_norm``; defaults come from :data:`consumers.thresholds.DEFAULT_SPIKES`.
 * ``kind = "silent"``: no event (update or heartbeat) from a worker for ``warning``
   seconds, judged on this process's own clock (StreamState.last_received).
 * ``kind = "dropped"``: events lost (sequence gaps) within the last ``window`` seconds.
+
+Every rule also has a ``group_interval`` (Alertmanager's knob of that name): once a key
+has paged, its next paging notification waits until that many seconds have passed, and
+then only the net change goes out (a key that went critical and back to warning in the
+meantime sends nothing new). So a metric that truly oscillates across a level yields one
+notification and, while it keeps firing, a reminder every ``repeat`` seconds.
 
 Defaults are *derived* from :data:`consumers.thresholds.DEFAULT_THRESHOLDS` so that the
 monitor's colour and the alert's severity can never disagree. ``--rules FILE`` (TOML)
@@ -32,10 +43,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bus import protocol
-from consumers.thresholds import DEFAULT_THRESHOLDS, NONFINITE_CRITICAL, Threshold
+from consumers.thresholds import (
+    DEFAULT_SPIKES,
+    DEFAULT_THRESHOLDS,
+    NONFINITE_CRITICAL,
+    Spike,
+    Threshold,
+)
 
-RuleKind = Literal["threshold", "nonfinite", "silent", "dropped"]
-RULE_KINDS: tuple[str, ...] = ("threshold", "nonfinite", "silent", "dropped")
+RuleKind = Literal["threshold", "spike", "nonfinite", "silent", "dropped"]
+RULE_KINDS: tuple[str, ...] = ("threshold", "spike", "nonfinite", "silent", "dropped")
+#: Kinds that watch one ppo_update metric per observation (``for`` counts updates).
+METRIC_KINDS: tuple[str, ...] = ("threshold", "spike")
 
 #: Numeric ppo_update fields a threshold rule may watch (the schema is the source of truth).
 NUMERIC_METRICS: frozenset[str] = frozenset(
@@ -49,6 +68,9 @@ DEFAULT_CLEAR_FRACTION = 0.1
 #: shorter than its 4 h default because a training run is hours, not weeks).
 DEFAULT_REPEAT_S = 600.0
 DEFAULT_FOR = 3
+#: Least time between two paging notifications of one key (Alertmanager's group_interval;
+#: its default is 5 min, shorter here because a training incident is minutes, not hours).
+DEFAULT_GROUP_INTERVAL_S = 60.0
 DEFAULT_SILENT_AFTER_S = 30.0
 DEFAULT_DROPPED_WINDOW_S = 60.0
 #: A NaN leaves the monitor's 10-value history only after 10 clean updates; the alert
@@ -92,6 +114,8 @@ class Rule:
     repeat: float = DEFAULT_REPEAT_S
     warmup: int = 0
     window: float = DEFAULT_DROPPED_WINDOW_S
+    group_interval: float = DEFAULT_GROUP_INTERVAL_S
+    min_history: int = 5
     metrics: tuple[str, ...] = ()
     summary: str = ""
     enabled: bool = True
@@ -106,14 +130,18 @@ class Rule:
         crosses the whole hysteresis band from paging on every crossing."""
         if self.clear_for is not None:
             return self.clear_for
-        return self.for_ if self.kind == "threshold" else 1
+        return self.for_ if self.kind in METRIC_KINDS else 1
 
     @property
     def lowest_level(self) -> float | None:
         """The level that starts an alert: warning if set, else critical."""
         return self.warning if self.warning is not None else self.critical
 
-    def _band(self) -> float:
+    def _band(self, level: float) -> float:
+        """Default hysteresis width below ``level``: a fraction of the largest level for
+        absolute rules; of the level itself for spike factors (a factor stays above 1)."""
+        if self.kind == "spike":
+            return DEFAULT_CLEAR_FRACTION * abs(level)
         levels = [abs(x) for x in (self.warning, self.critical) if x is not None]
         return DEFAULT_CLEAR_FRACTION * max(levels) if levels else 0.0
 
@@ -125,7 +153,7 @@ class Rule:
         level = self.lowest_level
         if level is None:
             return None
-        return level - self._band() if self.op == ">" else level + self._band()
+        return level - self._band(level) if self.op == ">" else level + self._band(level)
 
     @property
     def critical_clear_level(self) -> float | None:
@@ -134,7 +162,8 @@ class Rule:
             return None
         if self.critical_clear is not None:
             return self.critical_clear
-        return self.critical - self._band() if self.op == ">" else self.critical + self._band()
+        band = self._band(self.critical)
+        return self.critical - band if self.op == ">" else self.critical + band
 
     def breaches(self, value: float, level: float | None) -> bool:
         if level is None:
@@ -166,6 +195,13 @@ class Rule:
             return f"{self.name}: no event for > {self.lowest_level:g} s (clear {self.clear_level:g} s)"
         if self.kind == "dropped":
             return f"{self.name}: > {self.lowest_level:g} events lost in {self.window:g} s"
+        if self.kind == "spike":
+            levels = ", ".join(f"{sev} > {lvl:g}x" for sev, lvl in
+                               (("warning", self.warning), ("critical", self.critical))
+                               if lvl is not None)
+            return (f"{self.name}: {self.metric} over the median of its previous "
+                    f"{self.min_history}+ values: {levels} (for {self.for_}, "
+                    f"clear {self.clear_level:g}x)")
         levels = ", ".join(f"{sev} {self.op} {lvl:g}" for sev, lvl in
                            (("warning", self.warning), ("critical", self.critical)) if lvl is not None)
         return f"{self.name}: {self.metric} {levels} (for {self.for_}, clear {self.clear_level:g})"
@@ -183,9 +219,20 @@ def rule_from_threshold(threshold: Threshold, **overrides: Any) -> Rule:
                 warning=threshold.warning, critical=threshold.critical, **params)
 
 
-def default_rules(thresholds: Iterable[Threshold] = DEFAULT_THRESHOLDS) -> dict[str, Rule]:
-    """Built-in rules by name: the health table, non-finite values, silence and loss."""
+def rule_from_spike(spike: Spike, **overrides: Any) -> Rule:
+    """The alert rule for one shared spike definition (same name, metric, factors)."""
+    params: dict[str, Any] = {"summary": spike.description, "min_history": spike.min_history}
+    params.update(_THRESHOLD_EXTRAS.get(spike.name, {}))
+    params.update(overrides)
+    return Rule(name=spike.name, kind="spike", metric=spike.metric, op=">",
+                warning=spike.warning, critical=spike.critical, **params)
+
+
+def default_rules(thresholds: Iterable[Threshold] = DEFAULT_THRESHOLDS,
+                  spikes: Iterable[Spike] = DEFAULT_SPIKES) -> dict[str, Rule]:
+    """Built-in rules by name: the health table, spikes, non-finite values, silence, loss."""
     rules = {t.name: rule_from_threshold(t) for t in thresholds}
+    rules.update({s.name: rule_from_spike(s) for s in spikes})
     rules[NONFINITE_RULE] = Rule(
         name=NONFINITE_RULE, kind="nonfinite", metric="*", op=">", critical=0.0, for_=1,
         clear_for=DEFAULT_NONFINITE_CLEAR_FOR,
@@ -207,9 +254,10 @@ _KEYS: dict[str, str] = {  # TOML key -> expected kind (the dataclass field is "
     "kind": "kind", "metric": "metric", "metrics": "metrics", "op": "op",
     "warning": "number", "critical": "number", "for": "posint", "clear": "number",
     "critical_clear": "number", "clear_for": "posint", "repeat": "nonneg", "warmup": "nonnegint",
-    "window": "pos", "summary": "str", "enabled": "bool",
+    "window": "pos", "group_interval": "nonneg", "min_history": "posint", "summary": "str",
+    "enabled": "bool",
 }
-_DEFAULTS_KEYS = ("for", "repeat", "clear_for")
+_DEFAULTS_KEYS = ("for", "repeat", "clear_for", "group_interval")
 _TOP_KEYS = ("rules", "defaults")
 
 
@@ -226,7 +274,7 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
         return float(value)
     if kind in ("nonneg", "pos"):
         if not is_num or not math.isfinite(value) or value < 0 or (kind == "pos" and value == 0):
-            word = "a number > 0" if kind == "pos" else "a number >= 0 (0 disables reminders)"
+            word = "a number > 0" if kind == "pos" else "a number >= 0"
             raise RulesError(f"{where}: expected {word}, got {value!r}")
         return float(value)
     if kind in ("posint", "nonnegint"):
@@ -267,9 +315,17 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
 def validate_rule(rule: Rule, where: str | None = None) -> Rule:
     """Check a rule's consistency; raise RulesError naming the key at fault."""
     where = where or f"rules.{rule.name}"
-    if rule.kind == "threshold" and rule.metric not in NUMERIC_METRICS:
-        raise RulesError(f"{where}.metric: required for a threshold rule "
+    if rule.kind in METRIC_KINDS and rule.metric not in NUMERIC_METRICS:
+        raise RulesError(f"{where}.metric: required for a {rule.kind} rule "
                          f"(a numeric ppo_update field), got {rule.metric or 'nothing'!r}")
+    if rule.kind == "spike":
+        if rule.op != ">":
+            raise RulesError(f"{where}.op: a spike rule is always \">\" (a factor above the median)")
+        for key in ("warning", "critical", "clear", "critical_clear"):
+            level = getattr(rule, key)
+            if level is not None and level <= 1.0:
+                raise RulesError(f"{where}.{key}: a spike level is a factor of the recent "
+                                 f"median and must be > 1, got {level:g}")
     if rule.kind == "nonfinite":
         if not rule.metrics:
             raise RulesError(f"{where}.metrics: a nonfinite rule needs at least one metric")
@@ -313,8 +369,8 @@ def _parse_rule(name: str, table: Any, base: Rule | None, defaults: Mapping[str,
         changes.setdefault(_attr(key), value)
     if base is None:
         kind = changes.get("kind", "threshold")
-        if kind == "threshold" and "metric" not in changes:
-            raise RulesError(f"{where}.metric: required for a new threshold rule")
+        if kind in METRIC_KINDS and "metric" not in changes:
+            raise RulesError(f"{where}.metric: required for a new {kind} rule")
         if kind == "nonfinite":
             changes.setdefault("clear_for", DEFAULT_NONFINITE_CLEAR_FOR)
             changes.setdefault("metric", "*")
@@ -326,7 +382,7 @@ def _parse_rule(name: str, table: Any, base: Rule | None, defaults: Mapping[str,
             changes.setdefault("metric", "dropped_events")
         rule = Rule(name=name, **changes)
     else:
-        if "metric" in changes and base.kind != "threshold":
+        if "metric" in changes and base.kind not in METRIC_KINDS:
             raise RulesError(f"{where}.metric: only threshold rules watch one metric")
         rule = replace(base, **changes)
         # Levels moved but the hysteresis did not: re-derive it from the new levels.
