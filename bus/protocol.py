@@ -85,8 +85,11 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     PPO_UPDATE: (PPO_UPDATE_REQUIRED, PPO_UPDATE_OPTIONAL),
     HEARTBEAT: (
         {"interval_s": "float"},
+        # closing: true only on an emitter's last heartbeat (sent by close() after its last
+        # ppo_update, on the same connection): the worker finished, it did not go silent.
+        # Optional and additive, so v1 consumers that predate it simply ignore it.
         {"pid": "int", "host": "str", "events_sent": "int", "events_dropped": "int",
-         "last_update": "int"},
+         "last_update": "int", "closing": "bool"},
     ),
     ALERT: (
         {"state": "str", "severity": "str", "rule": "str", "metric": "str", "since": "float"},

@@ -9,8 +9,10 @@ at most twice a second, only for runs that changed since the last summary.
 ``ppo_summary`` fields (beside the envelope; see also bus.protocol.SCHEMAS):
 
 * ``workers_live`` (int): workers heard from (ppo_update or heartbeat) within
-  ``--stale-after`` seconds on the aggregator's own clock; ``workers_stale`` (int): the rest
-  that it still remembers (forgotten after ``--forget-after``).
+  ``--stale-after`` seconds on the aggregator's own clock and not finished; ``workers_stale``
+  (int): the unfinished rest that it still remembers (forgotten after ``--forget-after``).
+  A *finished* worker (its emitter closed: the runtime's ``StreamState.finished``) is in
+  neither count and out of the rollups: it ended its work, it did not go quiet.
 * ``updates`` (int): the highest ``update`` number reported by a live worker (how far the
   run has got).
 * ``metrics``: metric -> ``{mean, min, max, worst_worker, worst_value, nonfinite, workers}``
@@ -35,7 +37,7 @@ import math
 import os
 import tempfile
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,9 +71,17 @@ class WorkerState:
     session: str | None = None
     update: int | None = None
     updates_received: int = 0
+    finished: bool = False  # copied from the runtime by Aggregator.sync
 
     def live(self, now: float, stale_after: float) -> bool:
-        return now - self.last_seen <= stale_after
+        """Still working and recently heard from (a finished worker is never live)."""
+        return self.condition(now, stale_after) == "live"
+
+    def condition(self, now: float, stale_after: float) -> str:
+        """"live", "stale" or "finished": which count of a summary this worker is in."""
+        if self.finished:
+            return "finished"
+        return "live" if now - self.last_seen <= stale_after else "stale"
 
 
 # --------------------------------------------------------------------- pure rollup
@@ -150,7 +160,7 @@ class Aggregator:
         self.metrics = tuple(metrics)
         self.workers: OrderedDict[tuple[str, WorkerId], WorkerState] = OrderedDict()
         self._dirty: set[str] = set()
-        self._published_counts: dict[str, tuple[int, int]] = {}
+        self._published_counts: dict[str, tuple[int, int, int]] = {}
         self.events = 0
 
     # ------------------------------------------------------------------ input
@@ -181,6 +191,16 @@ class Aggregator:
             state.updates_received += 1
             self._dirty.add(event.run)
 
+    def sync(self, streams: Mapping[tuple[str, WorkerId], Any]) -> None:
+        """Copy ``finished`` from the subscriber runtime's StreamState map (the runtime owns
+        session accounting: which session is current, duplicates, the snapshot merge).
+        Call it before :meth:`due_summaries`; a change makes its run due."""
+        for key, state in self.workers.items():
+            stream = streams.get(key)
+            if stream is not None and stream.finished != state.finished:
+                state.finished = stream.finished
+                self._dirty.add(key[0])
+
     def forget(self, now: float) -> int:
         """Drop workers silent for longer than ``forget_after``; returns how many."""
         gone = [key for key, state in self.workers.items() if now - state.last_seen > self.forget_after]
@@ -201,9 +221,10 @@ class Aggregator:
         for (state_run, _), state in self.workers.items():
             if state_run != run:
                 continue
-            if state.live(now, self.stale_after):
+            condition = state.condition(now, self.stale_after)
+            if condition == "live":
                 live.append(state)
-            else:
+            elif condition == "stale":
                 stale += 1
         metrics: dict[str, dict[str, Any]] = {}
         for metric in self.metrics:
@@ -223,18 +244,19 @@ class Aggregator:
 
     def due_summaries(self, now: float) -> dict[str, dict[str, Any]]:
         """Summaries of the runs that changed since the last call: new updates, or a worker
-        turning stale or coming back. A finished run is summarised once more (all stale),
-        then stays quiet instead of repeating itself twice a second forever."""
-        counts: dict[str, list[int]] = {}
+        turning stale, finishing or coming back. A run that went quiet (all workers stale or
+        finished) is summarised once more, then stays quiet instead of repeating itself
+        twice a second forever."""
+        counts: dict[str, Counter[str]] = {}
         for (run, _), state in self.workers.items():
-            entry = counts.setdefault(run, [0, 0])
-            entry[0 if state.live(now, self.stale_after) else 1] += 1
+            counts.setdefault(run, Counter())[state.condition(now, self.stale_after)] += 1
         due: dict[str, dict[str, Any]] = {}
         for run in sorted(set(counts) | self._dirty):
-            live, stale = counts.get(run, (0, 0))
-            if run in self._dirty or self._published_counts.get(run) != (live, stale):
+            run_counts = counts.get(run, Counter())
+            key = (run_counts["live"], run_counts["stale"], run_counts["finished"])
+            if run in self._dirty or self._published_counts.get(run) != key:
                 due[run] = self.summary(run, now)
-                self._published_counts[run] = (live, stale)
+                self._published_counts[run] = key
         for run in list(self._published_counts):
             if run not in counts:
                 del self._published_counts[run]
@@ -255,6 +277,7 @@ class Aggregator:
             stream = streams.get((run, worker)) if streams is not None else None
             runs[run]["workers"][str(worker)] = {
                 "live": state.live(now, self.stale_after),
+                "finished": state.finished,
                 "age_s": round(now - state.last_seen, 3),
                 "last_ts": state.last_ts,
                 "session": state.session,
@@ -343,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
             if now < next_due:
                 continue
             next_due = now + args.interval
+            aggregator.sync(sub.streams)  # here, not per batch: O(workers), at most 2 Hz
             aggregator.forget(now)
             due = aggregator.due_summaries(now)
             for run_id, fields in due.items():

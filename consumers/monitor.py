@@ -16,8 +16,13 @@ Status banner, worst first: DISCONNECTED (no daemon connection) > STALE (a worke
 longer than ``--stale-after`` on this process's clock: what is shown may be old news) >
 NaN DETECTED (a non-finite loss/gradient value or ``nonfinite_grad_count`` > 0) > CRITICAL >
 WARNING (health of the latest values, or a firing alert of that severity) > LEARNING (all
-healthy) > WAITING (connected, no worker yet). Counts of every other condition are shown
-next to it, so the banner never hides a second problem.
+healthy) > WAITING (connected, no worker yet) > FINISHED (every worker has closed). Counts
+of every other condition are shown next to it, so the banner never hides a second problem.
+
+A worker whose emitter closed (its closing heartbeat arrived: ``StreamState.finished``,
+copied in by :meth:`MonitorState.sync`) is *done*: its silence is the end of its work, so
+it is never STALE and never raises the banner; it is counted apart ("2 done"), its row is
+dimmed, and it is the first to leave the screen when rows do not fit.
 """
 
 from __future__ import annotations
@@ -64,13 +69,16 @@ HEALTH_METRICS: tuple[str, ...] = ("grad_norm", "approx_kl", "clip_fraction", "e
 FLEET_METRICS: tuple[str, ...] = ("grad_norm", "pre_clip_grad_norm", "approx_kl", "clip_fraction",
                                   "entropy", "explained_variance", "episode_return_mean", "sps")
 
-# Row status, worst last (ranks used for sorting and for the banner).
-WAITING, OK, WARNING, CRITICAL, NAN, STALE = "waiting", "ok", "warning", "critical", "nan", "stale"
-STATUS_RANK = {WAITING: 0, OK: 1, WARNING: 2, CRITICAL: 3, NAN: 4, STALE: 5}
+# Row status, worst last (ranks used for sorting and for the banner). DONE ranks lowest:
+# a finished worker is no one's problem.
+DONE, WAITING, OK, WARNING, CRITICAL, NAN, STALE = (
+    "done", "waiting", "ok", "warning", "critical", "nan", "stale")
+STATUS_RANK = {DONE: 0, WAITING: 1, OK: 2, WARNING: 3, CRITICAL: 4, NAN: 5, STALE: 6}
 
-BANNERS = ("WAITING", "LEARNING", "WARNING", "CRITICAL", "NaN DETECTED", "STALE", "DISCONNECTED")
-_BANNER_OF_STATUS = {WAITING: "WAITING", OK: "LEARNING", WARNING: "WARNING", CRITICAL: "CRITICAL",
-                     NAN: "NaN DETECTED", STALE: "STALE"}
+BANNERS = ("FINISHED", "WAITING", "LEARNING", "WARNING", "CRITICAL", "NaN DETECTED", "STALE",
+           "DISCONNECTED")
+_BANNER_OF_STATUS = {DONE: "FINISHED", WAITING: "WAITING", OK: "LEARNING", WARNING: "WARNING",
+                     CRITICAL: "CRITICAL", NAN: "NaN DETECTED", STALE: "STALE"}
 
 WorkerId = int | str
 RowKey = tuple[str, WorkerId]
@@ -88,9 +96,10 @@ class Row:
     update: int | None = None
     env_steps: int | None = None
     updates: int = 0
-    # Copied from the subscriber runtime (which owns gap and restart accounting).
+    # Copied from the subscriber runtime (which owns gap, restart and session accounting).
     restarts: int = 0
     dropped: int = 0
+    finished: bool = False  # its current session closed (StreamState.finished)
 
     def latest(self, metric: str) -> float | None:
         return self.history.latest(metric)
@@ -229,13 +238,17 @@ class MonitorState:
 
     def sync(self, streams: Mapping[RowKey, Any], now: float, *, connected: bool,
              ever_connected: bool, rejected: int = 0, lost: int = 0, endpoint: str = "") -> None:
-        """Once per frame: copy restart/drop counts and connection state from the runtime,
-        update the event rate, forget long-silent rows."""
+        """Once per frame: copy restart/drop counts, whether the worker finished, and the
+        connection state from the runtime, update the event rate, forget long-silent rows.
+
+        ``finished`` is the runtime's call (it alone knows sessions, duplicates and the
+        snapshot merge), copied before every frame, so the view never lags behind it."""
         for key, row in self.rows.items():
             stream = streams.get(key)
             if stream is not None:
                 row.restarts = stream.restarts
                 row.dropped = stream.dropped
+                row.finished = stream.finished
         self.connected = connected
         self.ever_connected = ever_connected
         self.rejected = rejected
@@ -268,11 +281,16 @@ class MonitorState:
         return self.health.health(metric, value)
 
     def row_status(self, row: Row, now: float) -> str:
-        """STALE, NaN, critical, warning, ok, or waiting (heartbeats but no update yet)."""
+        """done, STALE, NaN, critical, warning, ok, or waiting (heartbeats but no update yet)."""
         return self.row_verdict(row, now)[0]
 
     def row_verdict(self, row: Row, now: float) -> tuple[str, str | None]:
-        """(status, the metric that decided a warning/critical status, else None)."""
+        """(status, the metric that decided a warning/critical status, else None).
+
+        A finished worker is done before anything else: however long ago it closed, its
+        silence is expected, and its last values are history, not a live condition."""
+        if row.finished:
+            return DONE, None
         if row.age(now) > self.stale_after:
             return STALE, None
         if row.updates == 0:
@@ -301,10 +319,14 @@ class MonitorState:
     def runs(self) -> list[str]:
         return sorted({run for run, _ in self.rows})
 
+    def finished_workers(self, run: str) -> int:
+        """Workers of ``run`` that have closed (not in a summary's live or stale counts)."""
+        return sum(1 for (row_run, _), r in self.rows.items() if row_run == run and r.finished)
+
     def banner(self, now: float) -> Banner:
         """The worst state (see the module docstring) plus counts of every condition."""
         counts: Counter[str] = Counter()
-        worst = WAITING
+        worst = DONE
         for row in self.rows.values():
             status = self.row_status(row, now)
             counts[status] += 1
@@ -318,7 +340,7 @@ class MonitorState:
         shown = {
             "live": sum(counts[s] for s in (WAITING, OK, WARNING, CRITICAL, NAN)),
             "stale": counts[STALE], "NaN": counts[NAN], "critical": counts[CRITICAL],
-            "warning": counts[WARNING], "alerts": len(self.alerts),
+            "warning": counts[WARNING], "done": counts[DONE], "alerts": len(self.alerts),
         }
         if not self.connected:
             detail = (f"lost the daemon at {self.endpoint}; reconnecting" if self.ever_connected
@@ -334,10 +356,9 @@ class MonitorState:
         entry = self.summaries.get(run)
         if entry is not None and now - entry[1] <= self.stale_after:
             return "aggregator", entry[0]
-        live = [r for (row_run, _), r in self.rows.items()
-                if row_run == run and r.age(now) <= self.stale_after]
-        stale = sum(1 for (row_run, _), r in self.rows.items()
-                    if row_run == run and r.age(now) > self.stale_after)
+        run_rows = [r for (row_run, _), r in self.rows.items() if row_run == run and not r.finished]
+        live = [r for r in run_rows if r.age(now) <= self.stale_after]
+        stale = len(run_rows) - len(live)
         metrics: dict[str, dict[str, Any]] = {}
         for metric in FLEET_METRICS:
             values = {r.worker: v for r in live if (v := r.history.latest(metric)) is not None}

@@ -10,7 +10,8 @@ Colour rules, so that the screen can be read at a glance and never contradicts a
   thresholds (pre-clip norm, return, sps) are not coloured unless non-finite.
 * The sparkline and its trend arrow take the *health* colour of the latest grad norm; the
   arrow only ever shows *direction*. Non-finite cells of a sparkline are a red ``×``.
-* STALE rows are dimmed: their numbers are old news.
+* STALE rows are dimmed: their numbers are old news. So are finished ("done") rows,
+  whose status is dim too: a worker that closed is no alarm.
 
 Layout adapts to the width it is given: at 80 columns the essentials (grad norm, its
 sparkline and trend, KL, clip fraction, update, age, status with restart/drop markers);
@@ -34,6 +35,7 @@ from rich.text import Text
 from consumers.history import sparkline_cells, trend
 from consumers.monitor import (
     CRITICAL,
+    DONE,
     NAN,
     OK,
     STALE,
@@ -46,16 +48,16 @@ from consumers.monitor import (
 
 HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
 NONFINITE_STYLE = "bold red"
-STATUS_LABEL = {WAITING: "waiting", OK: "ok", WARNING: "warn", CRITICAL: "CRIT",
+STATUS_LABEL = {DONE: "done", WAITING: "waiting", OK: "ok", WARNING: "warn", CRITICAL: "CRIT",
                 NAN: "NaN", STALE: "STALE"}
 #: Short metric names for the status cell ("CRIT EV"), so the cause is visible even at 80
 #: columns where the metric's own column is not shown.
 SHORT_METRIC = {"grad_norm": "grad", "approx_kl": "KL", "clip_fraction": "clip",
                 "entropy": "ent", "explained_variance": "EV"}
-STATUS_STYLE = {WAITING: "dim", OK: "green", WARNING: "yellow", CRITICAL: "bold red",
+STATUS_STYLE = {DONE: "dim", WAITING: "dim", OK: "green", WARNING: "yellow", CRITICAL: "bold red",
                 NAN: "bold white on red", STALE: "bold magenta"}
 BANNER_STYLE = {
-    "WAITING": "bold black on white", "LEARNING": "bold white on green",
+    "FINISHED": "bold white on blue", "WAITING": "bold black on white", "LEARNING": "bold white on green",
     "WARNING": "bold black on yellow", "CRITICAL": "bold white on red",
     "NaN DETECTED": "bold white on red", "STALE": "bold white on magenta",
     "DISCONNECTED": "bold white on red",
@@ -243,6 +245,10 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
                      style=HEALTH_STYLE[state.metric_health("grad_norm", value)])
     live = int(summary.get("workers_live") or 0)
     total = live + int(summary.get("workers_stale") or 0)
+    if total:
+        status = Text(f"{live}/{total} live", style="bold" if live == total else "bold magenta")
+    else:  # only finished workers are left (the header counts them: "N done")
+        status = Text("done" if state.finished_workers(run) else "0 live", style="dim")
     label = Text("Σ " + run, style="bold cyan", overflow="ellipsis", no_wrap=True)
     return {
         "worker": label, "grad": mean("grad_norm", 3), "spark": worst,
@@ -253,7 +259,7 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
         "update": Text(str(summary.get("updates") or 0), style="bold"),
         "age": Text("agg" if source == "aggregator" else "", style="dim"),
         "ts": Text(""), "dropped": Text(""),
-        "status": Text(f"{live}/{total} live", style="bold" if live == total else "bold magenta"),
+        "status": status,
     }
 
 
@@ -313,7 +319,7 @@ class MonitorView:
         counts = banner.counts
         bits = [(f"{counts.get('live', 0)} live", "")]
         for key, style in (("stale", "magenta"), ("NaN", "bold red"), ("critical", "red"),
-                           ("warning", "yellow")):
+                           ("warning", "yellow"), ("done", "dim")):
             if counts.get(key):
                 bits.append((f"{counts[key]} {key}", style))
         if counts.get("alerts"):
@@ -354,8 +360,8 @@ class MonitorView:
             table.add_row(*(fleet[c.key] for c in columns), end_section=not run_rows)
             for i, row in enumerate(run_rows):
                 cells = _worker_cells(self.state, row, self.now, tier)
-                stale = self.state.row_status(row, self.now) == STALE
-                table.add_row(*(cells[c.key] for c in columns), style="dim" if stale else None,
+                old_news = self.state.row_status(row, self.now) in (STALE, DONE)
+                table.add_row(*(cells[c.key] for c in columns), style="dim" if old_news else None,
                               end_section=i == len(run_rows) - 1)
         return table
 

@@ -13,6 +13,9 @@ Guarantees to the consumer on top of it:
   a new session is a restart (its seq reset is not loss).
 * **Own clock for staleness.** ``StreamState.last_received`` is this process's monotonic
   clock, so a producer with a skewed wall clock cannot make a stream look fresh.
+* **Finished is not silent.** ``StreamState.finished`` is True once the stream's current
+  session sent its closing heartbeat (``closing: true``, from ``TelemetryEmitter.close()``):
+  the worker ended, so a consumer should show it as done rather than judge its silence.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from bus.lifecycle import install_stop_handlers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Subscriber", "StreamState", "SubscriberStats", "install_stop_handlers"]
+__all__ = ["Subscriber", "StreamState", "SubscriberStats", "install_stop_handlers",
+           "is_closing_heartbeat"]
 
 SNAPSHOT_REQUEST = b"SNAPSHOT"
 SNAPSHOT_REPLY = b"SNAPSHOT"
@@ -75,9 +79,23 @@ def nesting_exceeds(fields: dict[str, Any], limit: int = MAX_NESTING) -> bool:
     return False
 
 
+def is_closing_heartbeat(event: protocol.Event) -> bool:
+    """True for the heartbeat that ends its session (``closing: true``, see bus.protocol)."""
+    return event.type == protocol.HEARTBEAT and event.fields.get("closing") is True
+
+
 @dataclass(slots=True)
 class StreamState:
-    """What a consumer knows about one (run, worker) producer."""
+    """What a consumer knows about one (run, worker) producer.
+
+    ``finished``: the current session has closed (its closing heartbeat arrived), so its
+    silence from then on is the end of the work, not a fault: views show it as done,
+    aggregates stop counting it as live, silence alerts should skip it. Any later
+    ppo_update or ordinary heartbeat of that session makes it live again (the emitter
+    sends the closing heartbeat after its last update on the same connection, so this
+    only happens to a producer that really kept going), and so does a new session (a
+    restarted worker). Events of an older session arriving late change nothing.
+    """
 
     run: str
     worker: int | str
@@ -89,6 +107,7 @@ class StreamState:
     last_ts: float | None = None  # producer wall clock of the newest event
     last_update: int | None = None
     updates_received: int = 0
+    finished: bool = False
 
     def age(self, now: float | None = None) -> float:
         """Seconds since this consumer last heard from the stream (own clock)."""
@@ -289,6 +308,8 @@ class Subscriber:
                     log.info("%s/%s restarted (new session %s)", event.run, event.worker, event.session)
                 stream.session = event.session
                 stream.sessions_seen += 1
+            if event.session == stream.session:
+                stream.finished = is_closing_heartbeat(event)
             stream.last_received = time.monotonic()
             if stream.last_ts is None or event.ts >= stream.last_ts:
                 stream.last_ts = event.ts

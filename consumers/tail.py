@@ -87,7 +87,12 @@ def render_line(event: protocol.Event) -> Text:
         if f.get("summary"):
             line.append(f" — {f['summary']}")
     elif event.type == protocol.HEARTBEAT:
-        line.append(f"alive pid={f.get('pid')} host={f.get('host')} last_update={f.get('last_update')}")
+        if f.get("closing") is True:  # the emitter's last word: finished, not gone silent
+            line.append("closing", style="bold cyan")
+            line.append(f" pid={f.get('pid')} host={f.get('host')} last_update={f.get('last_update')}"
+                        f" sent={f.get('events_sent')} dropped={f.get('events_dropped')}")
+        else:
+            line.append(f"alive pid={f.get('pid')} host={f.get('host')} last_update={f.get('last_update')}")
     elif event.type == protocol.BUS_STATS:
         line.append(f"forwarded={f.get('forwarded')} rate={_fmt(f.get('rate_eps'), 1)}/s "
                     f"streams={f.get('streams_cached')} rejected={f.get('rejected')}")

@@ -9,6 +9,14 @@ itself could not hand over (a refused send or a closed emitter).
 
 Caller-side checks raise TypeError/ValueError naming the field, because a typo in a
 metric name is a bug in the training script and should fail there, not in a dashboard.
+
+**Finished is not silent.** ``close()`` ends the session with one last heartbeat carrying
+``closing: true``, so consumers can tell a worker that finished from one that died (and
+alerting need not page about it). It goes out on the *main* socket, behind the last
+``ppo_update`` on the same connection: ZeroMQ keeps order within a connection, never across
+two, and a consumer that saw "closing" and then a later update would have to take the
+session for live again. It takes the next heartbeat ``seq`` from the heartbeat thread's
+counter (under a lock, after that thread has stopped), so the sequence stays gap-free.
 """
 
 from __future__ import annotations
@@ -31,6 +39,11 @@ from bus import endpoints, protocol, transport
 log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_INTERVAL_S = 2.0
+#: The closing heartbeat travels on another connection than the periodic ones. When one of
+#: those left just before close(), wait this long before sending the closing one (so it
+#: cannot overtake it at the daemon and show up as a false one-event gap); a close that
+#: comes later than this after the last heartbeat (nearly always) does not wait at all.
+HEARTBEAT_SETTLE_S = 0.05
 
 _FLOAT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "float")
 _INT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "int")
@@ -90,6 +103,9 @@ class TelemetryEmitter:
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
+        self._heartbeat_lock = threading.Lock()
+        self._heartbeat_seq = 0
+        self._last_heartbeat_at: float | None = None
         self._open()
         _live_emitters.add(self)
 
@@ -103,6 +119,14 @@ class TelemetryEmitter:
         # A Packer of our own (packb builds one per call); used only by the training thread.
         self._pack = msgpack.Packer(use_bin_type=True).pack
         self._forked = False
+        # The heartbeat seq (per session: a reopened emitter starts again at 0) and the time
+        # of the last periodic beat are shared by the heartbeat thread and close(); the lock
+        # makes "take the next seq and send" atomic, so no periodic heartbeat can follow
+        # (or share a seq with) the closing one. A new lock per session: one copied by
+        # fork while the parent's heartbeat thread held it would stay locked for ever.
+        self._heartbeat_lock = threading.Lock()
+        self._heartbeat_seq = 0
+        self._last_heartbeat_at = None
         if self._heartbeat_interval:
             self._heartbeat_stop = threading.Event()
             self._heartbeat_thread = threading.Thread(
@@ -123,15 +147,23 @@ class TelemetryEmitter:
         return transport.wait_for_subscriber(self._sock, timeout_s)
 
     def close(self) -> None:
-        """Stop heartbeats and close the socket, waiting at most ``linger_ms``."""
+        """Stop heartbeats, send the closing heartbeat and close the socket, waiting at
+        most ``linger_ms`` for queued events (the closing heartbeat never blocks: NOBLOCK).
+
+        With heartbeats off (``heartbeat_interval=None``) no closing heartbeat is sent
+        either: such an emitter announces nothing about its liveness, its end included.
+        """
         if self._closed:
             return
         self._closed = True
         self._heartbeat_stop.set()
-        if self._heartbeat_thread is not None and not self._forked:
+        if self._forked:
+            return  # the socket belongs to the parent's Context: never touch it here
+        if self._heartbeat_thread is not None:
             self._heartbeat_thread.join(timeout=1.0)
-        if not self._forked:
-            self._sock.close(linger=self._linger_ms)
+        if self._heartbeat_interval:
+            self._send_closing_heartbeat()
+        self._sock.close(linger=self._linger_ms)
 
     def __enter__(self) -> TelemetryEmitter:
         return self
@@ -220,6 +252,36 @@ class TelemetryEmitter:
 
     # ------------------------------------------------------------------ heartbeat
 
+    def _heartbeat_payload(self, seq: int, interval: float, host: str) -> dict[str, Any]:
+        return {
+            "v": protocol.PROTOCOL_VERSION, "type": protocol.HEARTBEAT, "run": self.run,
+            "worker": self.worker, "session": self.session, "seq": seq, "ts": time.time(),
+            "interval_s": interval, "pid": os.getpid(), "host": host,
+            "events_sent": self.sent, "events_dropped": self.dropped,
+            "last_update": self.last_update,
+        }
+
+    def _send_closing_heartbeat(self) -> None:
+        """The session's last heartbeat, ``closing: true``, on the main socket (see the
+        module docstring for why that socket and this seq)."""
+        with self._heartbeat_lock:  # the heartbeat thread has stopped or stops at its next beat
+            seq = self._heartbeat_seq
+            self._heartbeat_seq += 1
+            last_beat = self._last_heartbeat_at
+        if last_beat is not None:
+            settle = HEARTBEAT_SETTLE_S - (time.monotonic() - last_beat)
+            if settle > 0:
+                time.sleep(settle)
+        interval = float(self._heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL_S)
+        payload = self._heartbeat_payload(seq, interval, socket.gethostname())
+        payload["closing"] = True
+        topic = protocol.make_topic(protocol.HEARTBEAT, self.run, self.worker)
+        try:
+            self._sock.send(topic, _SNDMORE_NOBLOCK)
+            self._sock.send(protocol.pack(payload), _NOBLOCK)
+        except zmq.ZMQError:
+            pass  # no daemon and a full queue: the consumers will see silence, as before
+
     def _heartbeat_loop(self) -> None:
         """Heartbeats from a thread with its own socket (sockets are not thread-safe), so a
         worker in a long update or evaluation still shows as alive."""
@@ -231,24 +293,25 @@ class TelemetryEmitter:
         while not self._heartbeat_stop.is_set():
             if transport.wait_for_subscriber(sock, min(interval, 0.5)):
                 break
-        session = self.session
-        seq = 0
         host = socket.gethostname()
         try:
-            while not self._heartbeat_stop.is_set():
-                payload = {
-                    "v": protocol.PROTOCOL_VERSION, "type": protocol.HEARTBEAT, "run": self.run,
-                    "worker": self.worker, "session": session, "seq": seq, "ts": time.time(),
-                    "interval_s": interval, "pid": os.getpid(), "host": host,
-                    "events_sent": self.sent, "events_dropped": self.dropped,
-                    "last_update": self.last_update,
-                }
-                try:
-                    sock.send_multipart([topic, protocol.pack(payload)], zmq.NOBLOCK)
-                except zmq.ZMQError:
-                    pass
-                seq += 1
+            while True:
+                with self._heartbeat_lock:
+                    # Checked under the lock: once close() has taken the closing seq, no
+                    # periodic heartbeat may go out after it.
+                    if self._heartbeat_stop.is_set():
+                        break
+                    payload = self._heartbeat_payload(self._heartbeat_seq, interval, host)
+                    self._heartbeat_seq += 1
+                    try:
+                        sock.send_multipart([topic, protocol.pack(payload)], zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        pass
+                    self._last_heartbeat_at = time.monotonic()
                 self._heartbeat_stop.wait(interval)
         finally:
-            sock.close(linger=0)
+            # A short linger, not 0: a beat sent just before close() must still leave, or
+            # the closing heartbeat's seq would show a false gap. Bounded, so exiting
+            # never waits on an absent daemon for longer than this.
+            sock.close(linger=int(HEARTBEAT_SETTLE_S * 1000))
 

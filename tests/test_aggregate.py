@@ -10,7 +10,7 @@ import pytest
 
 from bus import protocol
 from consumers.aggregate import Aggregator, band_distance, rollup, write_atomic
-from consumers.runtime import Subscriber
+from consumers.runtime import StreamState, Subscriber
 from emitter.telemetry import TelemetryEmitter
 from tests.conftest import ppo_fields, ppo_payload, trainbus_cmd, wait_for
 
@@ -106,6 +106,35 @@ def test_due_summaries_only_for_changed_runs():
     assert agg.forget(10_000.0) == 2 and agg.workers == {}
 
 
+def test_finished_workers_are_neither_live_nor_stale():
+    agg = Aggregator(stale_after=5.0)
+    for worker, grad in ((0, 1.0), (1, 9.0), (2, 3.0)):
+        agg.ingest(event(worker=worker, seq=0, update=4 + worker, grad_norm=grad), now=0.0)
+    assert agg.due_summaries(0.5)["r"]["workers_live"] == 3
+    # Worker 2 closes (its closing heartbeat reached the runtime) just after it spoke.
+    agg.ingest(event(worker=2, seq=0, event_type="heartbeat", interval_s=2.0, closing=True), now=1.0)
+    streams = {("r", w): StreamState("r", w, finished=w == 2) for w in range(3)}
+    agg.sync(streams)
+    due = agg.due_summaries(1.0)  # finishing alone makes the run due
+    summary = due["r"]
+    assert summary["workers_live"] == 2 and summary["workers_stale"] == 0
+    assert summary["metrics"]["grad_norm"]["mean"] == pytest.approx(5.0)  # workers 0 and 1 only
+    assert summary["updates"] == 5  # the highest update of a live worker
+    assert agg.due_summaries(1.5) == {}
+    # Much later the other two have gone quiet without closing: stale; worker 2 stays finished.
+    summary = agg.due_summaries(10.0)["r"]
+    assert (summary["workers_live"], summary["workers_stale"]) == (0, 2)
+    snap = agg.snapshot(10.0, streams)
+    assert snap["runs"]["r"]["workers"]["2"]["finished"] is True
+    assert snap["runs"]["r"]["workers"]["2"]["live"] is False
+    # Restarted (new session, not finished): live again as soon as it speaks.
+    streams[("r", 2)] = StreamState("r", 2, restarts=1)
+    agg.ingest(event(worker=2, seq=0, session="s2-new", update=0), now=11.0)
+    agg.sync(streams)
+    summary = agg.due_summaries(11.0)["r"]
+    assert (summary["workers_live"], summary["workers_stale"]) == (1, 2)
+
+
 def test_aggregator_ignores_run_level_and_other_types_and_bounds_workers():
     agg = Aggregator(max_workers=3)
     agg.ingest(event(worker="all", event_type="ppo_summary", workers_live=1, metrics={}), now=0.0)
@@ -158,5 +187,38 @@ def test_aggregate_process_publishes_summaries_and_snapshot_file(procs, daemon, 
         wait_for(snapshot_file.exists, 10, message="snapshot file")
         state = json.loads(snapshot_file.read_text())
         assert set(state["runs"]["agg"]["workers"]) == {"0", "1"}
+    agg.signal(15)
+    assert agg.wait(10) == 0
+
+
+def test_aggregate_process_stops_counting_a_closed_worker_as_live(procs, daemon):
+    agg = procs.start(trainbus_cmd("aggregate"), env=daemon.env)
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["ppo_summary"], run="fin") as sub, \
+            TelemetryEmitter("fin", 1, daemon.publish, heartbeat_interval=0.2) as staying:
+        leaving = TelemetryEmitter("fin", 0, daemon.publish, heartbeat_interval=0.2)
+        summaries: list[protocol.Event] = []
+        try:
+            assert leaving.wait_for_bus(10) and staying.wait_for_bus(10)
+
+            def both_live() -> bool:
+                leaving.emit_ppo_update(**ppo_fields(1, grad_norm=2.0))
+                staying.emit_ppo_update(**ppo_fields(1, grad_norm=4.0))
+                summaries.extend(sub.poll(100))
+                return any(e.get("workers_live") == 2 for e in summaries)
+
+            wait_for(both_live, 20, message="a ppo_summary with both workers live")
+        finally:
+            leaving.close()
+        seen = len(summaries)
+
+        def one_left() -> bool:
+            summaries.extend(sub.poll(100))
+            return any(e.get("workers_live") == 1 for e in summaries[seen:])
+
+        # Well within the aggregator's 5 s stale_after: only the closing heartbeat explains it.
+        wait_for(one_left, 4, message="a ppo_summary without the closed worker")
+        summary = next(e for e in summaries[seen:] if e.get("workers_live") == 1)
+        assert summary.get("workers_stale") == 0
+        assert summary.get("metrics")["grad_norm"]["mean"] == pytest.approx(4.0)
     agg.signal(15)
     assert agg.wait(10) == 0

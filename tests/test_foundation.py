@@ -280,3 +280,213 @@ def test_tail_file_that_is_not_a_recording_is_one_line_exit_1(procs, tmp_path):
     assert proc.wait(timeout=20) == 1
     lines = [line for line in proc.stderr.snapshot() if line.strip()]
     assert len(lines) == 1 and "not a trainbus recording" in lines[0]
+
+
+# ------------------------------------------------------------------ finished is not silent
+
+
+class Capture:
+    """A bound XSUB standing in for the daemon: it sees exactly the frames an emitter's
+    sockets send, in each connection's order, and knows when every connection has closed
+    (then everything sent has arrived: a deterministic end, no waiting on silence)."""
+
+    def __init__(self) -> None:
+        ctx = zmq.Context.instance()
+        self.sock = ctx.socket(zmq.XSUB)
+        self.sock.linger = 0
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.sock.send(b"\x01")  # subscribe to everything, as the daemon does
+        self.accepted = 0
+        self.disconnected = 0
+        self.frames: list[list[bytes]] = []
+
+    def _pump(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self.accepted += event == zmq.EVENT_ACCEPTED
+            self.disconnected += event == zmq.EVENT_DISCONNECTED
+        while self.sock.poll(0):
+            self.frames.append(self.sock.recv_multipart())
+
+    def wait_subscribed(self, emitter: TelemetryEmitter) -> None:
+        """Until the emitter's main socket has our subscription. Pumping matters: ZeroMQ
+        attaches an accepted connection (and sends it the subscription) only when the
+        owning thread next calls into this socket."""
+        wait_for(lambda: self._pump() or emitter.wait_for_bus(0.02), 10,
+                 message="the emitter to see the subscription")
+
+    def wait_heartbeats(self, topic: bytes, count: int) -> None:
+        wait_for(lambda: self._pump() or sum(f[0] == topic for f in self.frames) >= count,
+                 10, message=f"{count} heartbeat(s) on {topic!r}")
+
+    def events_until_all_closed(self) -> list[protocol.Event]:
+        """Every event sent, once every accepted connection has gone away."""
+        wait_for(lambda: self._pump() or (self.accepted and self.disconnected >= self.accepted),
+                 10, message="the emitter's connections to close")
+        self._pump()
+        return [protocol.decode(frames) for frames in self.frames]
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def capture():
+    cap = Capture()
+    try:
+        yield cap
+    finally:
+        cap.close()
+
+
+def test_close_sends_one_closing_heartbeat_after_the_last_update(capture):
+    emitter = TelemetryEmitter("ending", 4, capture.endpoint, heartbeat_interval=0.02)
+    try:
+        capture.wait_subscribed(emitter)
+        for update in range(3):
+            emitter.emit_ppo_update(**ppo_fields(update))
+        # Let periodic heartbeats go out, so the closing one must continue their seq.
+        capture.wait_heartbeats(b"heartbeat/ending/4", 3)
+        for update in range(3, 6):
+            emitter.emit_ppo_update(**ppo_fields(update))
+    finally:
+        emitter.close()
+    events = capture.events_until_all_closed()
+    beats = [e for e in events if e.type == protocol.HEARTBEAT]
+    closing = [e for e in beats if e.get("closing") is not None]
+    assert len(closing) == 1 and closing[0].get("closing") is True
+    final = closing[0]
+    # Gap-free: the closing heartbeat takes the next seq, and is the last heartbeat.
+    assert [e.seq for e in beats] == list(range(len(beats))) and len(beats) >= 4
+    assert beats[-1] is final
+    # It comes after the last update (same connection), with the final counters.
+    assert events.index(final) > max(i for i, e in enumerate(events) if e.type == protocol.PPO_UPDATE)
+    assert final.session == emitter.session
+    assert (final.get("events_sent"), final.get("last_update"), final.get("events_dropped")) == (6, 5, 0)
+    assert final.get("interval_s") == pytest.approx(0.02) and final.get("pid") == os.getpid()
+
+
+def test_close_right_after_a_heartbeat_keeps_the_heartbeat_seq_gap_free(capture):
+    # The riskiest moment: a periodic beat has just left on the heartbeat connection when
+    # close() sends the closing one on the main connection. Repeated, new session each time.
+    for attempt in range(5):
+        emitter = TelemetryEmitter("ending", attempt, capture.endpoint, heartbeat_interval=0.05)
+        try:
+            capture.wait_subscribed(emitter)
+            capture.wait_heartbeats(f"heartbeat/ending/{attempt}".encode(), 1)
+        finally:
+            emitter.close()
+    events = capture.events_until_all_closed()
+    for attempt in range(5):
+        beats = [e for e in events if e.type == protocol.HEARTBEAT and e.worker == attempt]
+        assert [e.seq for e in beats] == list(range(len(beats)))
+        assert beats[-1].get("closing") is True and len(beats) >= 2
+        assert not any(e.get("closing") for e in beats[:-1])
+
+
+def test_no_closing_heartbeat_when_heartbeats_are_off(capture):
+    emitter = TelemetryEmitter("quiet", 0, capture.endpoint, heartbeat_interval=None)
+    try:
+        capture.wait_subscribed(emitter)
+        emitter.emit_ppo_update(**ppo_fields(0))
+    finally:
+        emitter.close()
+    events = capture.events_until_all_closed()
+    assert [e.type for e in events] == [protocol.PPO_UPDATE]
+
+
+def _ready(daemon, **kwargs) -> Subscriber:
+    """A subscriber whose subscription is in place (connected, first snapshot in)."""
+    sub = Subscriber(daemon.subscribe, daemon.snapshot, **kwargs)
+    wait_for(lambda: sub.poll(20) is not None and sub.stats.snapshots >= 1, 10,
+             message="subscriber connected")
+    return sub
+
+
+def test_emitter_close_marks_the_stream_finished_and_a_restart_revives_it(daemon):
+    with _ready(daemon, run="fin") as sub:
+        first = TelemetryEmitter("fin", 0, daemon.publish, heartbeat_interval=0.05)
+        try:
+            assert first.wait_for_bus(10)
+            for update in range(5):
+                first.emit_ppo_update(**ppo_fields(update))
+            _collect_until(sub, lambda got: any(e.type == protocol.HEARTBEAT for e in got),
+                           "a periodic heartbeat")
+            stream = sub.streams[("fin", 0)]
+            assert stream.finished is False and stream.session == first.session
+            first.emit_ppo_update(**ppo_fields(5))
+        finally:
+            first.close()
+        got = _collect_until(sub, lambda got: any(e.get("closing") for e in got), "the closing heartbeat")
+        assert got[-1].get("closing") is True  # nothing from the session after it
+        assert stream.finished is True and stream.last_update == 5
+        assert stream.dropped == 0 and sub.stats.dropped_total == 0
+        # The worker restarts: a new session is live again from its first event.
+        with TelemetryEmitter("fin", 0, daemon.publish, heartbeat_interval=None) as second:
+            assert second.wait_for_bus(10)
+            second.emit_ppo_update(**ppo_fields(0))
+            _collect_until(sub, lambda got: any(e.session == second.session for e in got),
+                           "the restarted worker's update")
+            assert stream.finished is False and stream.restarts == 1
+
+
+def _frames(event_type: str, session: str, seq: int, **fields) -> list[bytes]:
+    payload = {"v": 1, "type": event_type, "run": "hand", "worker": 0, "session": session,
+               "seq": seq, "ts": time.time(), **fields}
+    if event_type == protocol.PPO_UPDATE:
+        payload.update(ppo_fields(seq), **fields)
+    return protocol.encode(payload)
+
+
+def test_finished_follows_the_current_session_only(daemon):
+    """Hand-made sequences (one connection, so order is kept): a session that speaks after
+    closing is live again; a late event of an older session changes nothing."""
+    from bus.publisher import EventPublisher
+
+    def step(pub: EventPublisher, sub: Subscriber, frames: list[bytes]) -> bool:
+        assert pub.send_frames(frames)
+        want = protocol.decode(frames)
+        _collect_until(sub, lambda got: any((e.session, e.type, e.seq) == (want.session, want.type, want.seq)
+                                            for e in got), f"{want.type} {want.session}/{want.seq}")
+        return sub.streams[("hand", 0)].finished
+
+    heartbeat = {"interval_s": 2.0}
+    with _ready(daemon, run="hand") as sub, EventPublisher(daemon.publish) as pub:
+        assert pub.wait_for_bus(10)
+        assert step(pub, sub, _frames("ppo_update", "A", 0)) is False
+        assert step(pub, sub, _frames("heartbeat", "A", 0, **heartbeat, closing=False)) is False
+        assert step(pub, sub, _frames("heartbeat", "A", 1, **heartbeat, closing=True)) is True
+        assert step(pub, sub, _frames("ppo_update", "A", 1)) is False  # it kept going: live
+        assert step(pub, sub, _frames("heartbeat", "A", 2, **heartbeat, closing=True)) is True
+        assert step(pub, sub, _frames("heartbeat", "B", 0, **heartbeat)) is False  # restarted
+        # A straggler from A (closing again) must not mark B finished.
+        assert step(pub, sub, _frames("heartbeat", "A", 3, **heartbeat, closing=True)) is False
+        assert sub.streams[("hand", 0)].session == "B"
+        assert step(pub, sub, _frames("heartbeat", "B", 1, **heartbeat, closing=True)) is True
+
+
+def test_tail_prints_the_closing_heartbeat_recognisably(procs, daemon):
+    from consumers.tail import render_line
+
+    tail = procs.start(trainbus_cmd("tail", "--type", "heartbeat", "--run", "bye", "--timeout", "20"),
+                       env=daemon.env)
+    tail.stderr.wait_for_line("connected to", 10)
+    with TelemetryEmitter("bye", 1, daemon.publish, heartbeat_interval=0.05) as emitter:
+        assert emitter.wait_for_bus(10)
+        emitter.emit_ppo_update(**ppo_fields(7))
+        tail.stdout.wait_for_line(r"heartbeat\s+bye/1 alive", 10)
+    line = tail.stdout.wait_for_line(r"heartbeat\s+bye/1 closing pid=\d+ .*last_update=7 sent=1 dropped=0", 10)
+    assert "alive" not in line.string
+    tail.signal(signal.SIGTERM)
+    assert tail.wait(10) == 0
+    # The word is styled apart from the line (a plain heartbeat has no such span).
+    closing = protocol.decode(_frames("heartbeat", "A", 0, interval_s=2.0, closing=True))
+    rendered = render_line(closing)
+    assert any(rendered.plain[span.start:span.end] == "closing" and "bold" in str(span.style)
+               for span in rendered.spans)

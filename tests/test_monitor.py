@@ -12,6 +12,7 @@ from rich.console import Console
 from bus import protocol
 from consumers.monitor import (
     CRITICAL,
+    DONE,
     MAX_ALERTS,
     NAN,
     OK,
@@ -29,9 +30,9 @@ from consumers.monitor_view import (
     table_width,
     tier_for,
 )
-from consumers.runtime import StreamState
+from consumers.runtime import StreamState, Subscriber
 from emitter.telemetry import TelemetryEmitter
-from tests.conftest import ppo_fields, ppo_payload, trainbus_cmd
+from tests.conftest import ppo_fields, ppo_payload, trainbus_cmd, wait_for
 
 NOW = 1000.0
 
@@ -90,7 +91,8 @@ def test_banner_states_worst_first():
     feed(state, 3, [math.nan])
     banner = state.banner(NOW)
     assert banner.state == "NaN DETECTED"
-    assert banner.counts == {"live": 4, "stale": 0, "NaN": 1, "critical": 1, "warning": 1, "alerts": 0}
+    assert banner.counts == {"live": 4, "stale": 0, "NaN": 1, "critical": 1, "warning": 1, "done": 0,
+                             "alerts": 0}
     # Worker 4 went silent 6 s ago: the picture may be old news, STALE outranks the rest.
     feed(state, 4, [1.0], now=NOW - 6)
     assert state.banner(NOW).state == "STALE"
@@ -136,6 +138,52 @@ def test_sync_copies_restarts_and_drops_from_runtime():
     state.sync(streams, NOW, connected=True, ever_connected=True, rejected=3, lost=7)
     row = state.rows[("r", 0)]
     assert (row.restarts, row.dropped, state.rejected, state.lost) == (2, 7, 3, 7)
+
+
+def finished_streams(*workers: int, run: str = "r") -> dict[tuple[str, int], StreamState]:
+    return {(run, w): StreamState(run, w, finished=True) for w in workers}
+
+
+def test_finished_worker_is_done_never_stale_and_not_a_problem():
+    state = connected_state()
+    feed(state, 0, [1.0, 1.1])
+    feed(state, 1, [1.0, 1.2])
+    feed(state, 2, [1.0], explained_variance=-0.5)  # critical, then it finishes
+    later = NOW + 30  # everyone silent far past stale_after
+    state.sync(finished_streams(0, 2), later, connected=True, ever_connected=True)
+    statuses = {row.worker: state.row_status(row, later) for row in state.sorted_rows()}
+    assert statuses == {0: DONE, 1: STALE, 2: DONE}
+    banner = state.banner(later)
+    assert banner.state == "STALE" and banner.counts["stale"] == 1
+    assert banner.counts["done"] == 2 and banner.counts["live"] == 0
+    assert banner.counts["critical"] == 0  # a finished worker's last values are history
+    # Every worker finished: the run is over, not stale.
+    state.sync(finished_streams(0, 1, 2), later, connected=True, ever_connected=True)
+    banner = state.banner(later)
+    assert banner.state == "FINISHED" and banner.counts["stale"] == 0 and banner.counts["done"] == 3
+    # Worker 1 restarts (its new session is not finished): live again, judged as usual.
+    streams = finished_streams(0, 2)
+    streams[("r", 1)] = StreamState("r", 1, restarts=1)
+    feed(state, 1, [6.0], now=later)
+    state.sync(streams, later, connected=True, ever_connected=True)
+    assert state.row_status(state.rows[("r", 1)], later) == WARNING
+    assert state.banner(later).state == "WARNING"
+    # A firing alert still raises the banner above FINISHED.
+    state.sync(finished_streams(0, 1, 2), later, connected=True, ever_connected=True)
+    state.ingest(alert("firing", severity="warning", worker=1), later)
+    assert state.banner(later).state == "WARNING"
+
+
+def test_fleet_row_leaves_finished_workers_out():
+    state = connected_state()
+    feed(state, 0, [1.0])
+    feed(state, 1, [9.0])
+    feed(state, 2, [3.0], now=NOW - 10)  # stale
+    state.sync(finished_streams(1), NOW, connected=True, ever_connected=True)
+    _, summary = state.fleet("r", NOW)
+    assert summary["workers_live"] == 1 and summary["workers_stale"] == 1
+    assert summary["metrics"]["grad_norm"]["mean"] == pytest.approx(1.0)
+    assert state.finished_workers("r") == 1
 
 
 def test_fleet_row_local_or_from_aggregator():
@@ -268,6 +316,25 @@ def test_layout_is_readable_at_80_and_richer_when_wider():
     assert tier_for(80) == 0 and tier_for(table_width(2)) == 2
 
 
+def test_frame_shows_finished_workers_as_done_and_dimmed():
+    state = connected_state()
+    feed(state, 0, [1.0, 1.25])
+    feed(state, 1, [2.0, 2.5])
+    state.sync(finished_streams(0), NOW, connected=True, ever_connected=True)
+    text, styled = render(state, width=120)
+    assert "LEARNING" in text and "1 live" in text and "1 done" in text
+    assert "dim" in style_of(styled, "1 done")
+    assert "dim" in style_of(styled, "done", line_with="1.250")
+    assert "dim" in style_of(styled, "1.250")  # the whole row is old news
+    assert "dim" not in style_of(styled, "2.500")
+    assert "1/1 live" in text  # the fleet counts only the unfinished
+    state.sync(finished_streams(0, 1), NOW, connected=True, ever_connected=True)
+    text, styled = render(state, width=120)
+    assert " FINISHED " in text and "2 done" in text and "STALE" not in text
+    assert style_of(styled, " FINISHED ") == BANNER_STYLE["FINISHED"]
+    assert "dim" in style_of(styled, "done", line_with="Σ r")
+
+
 def test_too_many_rows_for_the_terminal_shows_the_worst():
     state = connected_state()
     for worker in range(40):
@@ -319,6 +386,41 @@ def test_monitor_live_mode_stops_cleanly_on_sigterm(procs, daemon):
         assert mon.wait(10) == 0
     out = mon.stdout.text()  # not a terminal: Live prints the final frame only
     assert "3.250" in out and "LEARNING" in out, out
+
+
+def test_closed_emitter_shows_as_done_live_and_to_a_late_joiner(procs, daemon):
+    state = connected_state()
+    with Subscriber(daemon.subscribe, daemon.snapshot, run="fin") as sub:
+        wait_for(lambda: state.ingest_many(sub.poll(20), time.monotonic()) or sub.stats.snapshots >= 1,
+                 10, message="subscriber connected")
+        done = TelemetryEmitter("fin", 0, daemon.publish, heartbeat_interval=0.1)
+        with TelemetryEmitter("fin", 1, daemon.publish, heartbeat_interval=0.1) as running:
+            try:
+                assert done.wait_for_bus(10) and running.wait_for_bus(10)
+                for u in range(3):
+                    done.emit_ppo_update(**ppo_fields(u, grad_norm=1.5))
+                    running.emit_ppo_update(**ppo_fields(u, grad_norm=2.5))
+            finally:
+                done.close()
+
+            def shows_done() -> bool:
+                now = time.monotonic()
+                state.ingest_many(sub.poll(20), now)
+                state.sync_from(sub, now)
+                row = state.rows.get(("fin", 0))
+                return row is not None and state.row_status(row, now) == DONE
+
+            wait_for(shows_done, 10, message="worker 0 shown as done")
+            now = time.monotonic()
+            assert state.row_status(state.rows[("fin", 1)], now) == OK
+            assert state.banner(now).counts["done"] == 1
+            # A monitor started now learns it from the daemon's snapshot alone.
+            mon = procs.start(trainbus_cmd("monitor", "--once", "--wait", "1", "--width", "120"),
+                              env=daemon.env)
+            assert mon.wait(20) == 0
+        out = mon.stdout.text()
+        assert "1 done" in out and "LEARNING" in out, out
+        assert any("done" in line and "1.500" in line for line in out.splitlines()), out
 
 
 def test_monitor_rejects_refresh_above_10hz(procs):

@@ -122,6 +122,17 @@ def test_alert_schema_checks_state_and_severity():
     assert reason_of(frames_of(dict(alert, severity="meh"))) == "bad_value:severity"
 
 
+def test_heartbeat_closing_is_an_optional_bool():
+    beat = {"v": 1, "type": "heartbeat", "run": "r", "worker": 0, "session": "s", "seq": 3,
+            "ts": 1.0, "interval_s": 2.0, "events_sent": 5, "last_update": 4}
+    assert "closing" not in decode(frames_of(beat)).fields  # absent: an ordinary heartbeat
+    assert decode(frames_of(dict(beat, closing=True))).fields["closing"] is True
+    assert decode(frames_of(dict(beat, closing=None))).fields["closing"] is None
+    assert reason_of(frames_of(dict(beat, closing=1))) == "bad_type:closing"
+    assert reason_of(frames_of(dict(beat, closing="yes"))) == "bad_type:closing"
+    assert protocol.SCHEMAS["heartbeat"][1]["closing"] == "bool"
+
+
 def test_unknown_types_pass_with_envelope_checks_only():
     event = decode(frames_of({"v": 1, "type": "eval_result", "run": "r", "worker": 0,
                               "session": "s", "seq": 0, "ts": 1.0, "score": 3}))
