@@ -15,9 +15,15 @@ log lines are capped too.
 Status banner, worst first: DISCONNECTED (no daemon connection) > STALE (a worker silent
 longer than ``--stale-after`` on this process's clock: what is shown may be old news) >
 NaN DETECTED (a non-finite loss/gradient value or ``nonfinite_grad_count`` > 0) > CRITICAL >
-WARNING (health of the latest values, or a firing alert of that severity) > LEARNING (all
+WARNING (health of the latest values, a pre-clip norm spike, or a firing alert of that
+severity) > LEARNING (all
 healthy) > WAITING (connected, no worker yet) > FINISHED (every worker has closed). Counts
 of every other condition are shown next to it, so the banner never hides a second problem.
+
+With PPO's usual ``max_grad_norm = 0.5`` the post-clip norm cannot pass 0.5, so its
+absolute thresholds never fire; an explosion shows in the pre-clip norm instead, judged by
+the shared :class:`consumers.thresholds.Spike` rules (latest value over the median of the
+worker's previous ones): a spike makes the row warning/critical like any other metric.
 
 A worker whose emitter closed (its closing heartbeat arrived: ``StreamState.finished``,
 copied in by :meth:`MonitorState.sync`) is *done*: its silence is the end of its work, so
@@ -39,7 +45,14 @@ from typing import Any
 from bus import protocol
 from consumers.aggregate import rollup
 from consumers.history import History
-from consumers.thresholds import DEFAULT_HEALTH, NONFINITE_CRITICAL, SEVERITY_RANK, HealthTable
+from consumers.thresholds import (
+    DEFAULT_HEALTH,
+    DEFAULT_SPIKES,
+    NONFINITE_CRITICAL,
+    SEVERITY_RANK,
+    HealthTable,
+    Spike,
+)
 
 log = logging.getLogger("trainbus.monitor")
 
@@ -143,11 +156,14 @@ class MonitorState:
     """
 
     def __init__(self, health: HealthTable = DEFAULT_HEALTH, *,
+                 spikes: tuple[Spike, ...] = DEFAULT_SPIKES,
                  stale_after: float = DEFAULT_STALE_AFTER_S,
                  forget_after: float = DEFAULT_FORGET_AFTER_S,
                  max_rows: int = DEFAULT_MAX_ROWS,
                  run_filter: str | None = None) -> None:
         self.health = health
+        self.spikes = tuple(s for s in spikes if s.metric in ROW_METRICS)  # needs a history
+        self._spike_by_name = {s.name: s for s in self.spikes}
         self.stale_after = stale_after
         self.forget_after = forget_after
         self.max_rows = max_rows
@@ -280,12 +296,36 @@ class MonitorState:
     def metric_health(self, metric: str, value: float | None) -> str:
         return self.health.health(metric, value)
 
+    def spike_named(self, name: str) -> Spike | None:
+        """The spike rule behind a verdict's culprit, or None when the culprit is a metric."""
+        return self._spike_by_name.get(name)
+
+    def spike_for(self, metric: str) -> Spike | None:
+        """The spike rule judging ``metric`` (the first, if several), for the view's colours."""
+        return next((s for s in self.spikes if s.metric == metric), None)
+
+    @staticmethod
+    def spike_ratio(row: Row, spike: Spike) -> float | None:
+        """The row's latest value of the spike's metric over the median of the values before
+        it in the 10-entry history; None before ``min_history`` of them (see Spike)."""
+        values = row.history.values(spike.metric)
+        if not values:
+            return None
+        return spike.ratio(values[:-1], values[-1])
+
+    def spike_verdict(self, row: Row, spike: Spike) -> tuple[str, float | None]:
+        """(severity, ratio) of the row's latest value under one spike rule."""
+        ratio = self.spike_ratio(row, spike)
+        return spike.severity(ratio), ratio
+
     def row_status(self, row: Row, now: float) -> str:
         """done, STALE, NaN, critical, warning, ok, or waiting (heartbeats but no update yet)."""
         return self.row_verdict(row, now)[0]
 
     def row_verdict(self, row: Row, now: float) -> tuple[str, str | None]:
-        """(status, the metric that decided a warning/critical status, else None).
+        """(status, what decided a warning/critical status, else None): a metric name for a
+        threshold, a spike rule's name (see :meth:`spike_named`) for a spike. At equal
+        severity the thresholds, then the spikes, are named in their table order.
 
         A finished worker is done before anything else: however long ago it closed, its
         silence is expected, and its last values are history, not a live condition."""
@@ -302,6 +342,10 @@ class MonitorState:
             severity = self.health.health(metric, row.history.latest(metric))
             if SEVERITY_RANK[severity] > SEVERITY_RANK[worst]:
                 worst, culprit = severity, metric
+        for spike in self.spikes:
+            severity = self.spike_verdict(row, spike)[0]
+            if SEVERITY_RANK[severity] > SEVERITY_RANK[worst]:
+                worst, culprit = severity, spike.name
         return worst, culprit
 
     @staticmethod

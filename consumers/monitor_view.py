@@ -5,18 +5,22 @@ Nothing here keeps state between frames: a frame is built from the state at draw
 
 Colour rules, so that the screen can be read at a glance and never contradicts an alert:
 
-* Every colour of a value comes from the shared :class:`consumers.thresholds.HealthTable`
-  (green ok, yellow warning, bold red critical; NaN/inf always bold red). Metrics without
-  thresholds (pre-clip norm, return, sps) are not coloured unless non-finite.
-* The sparkline and its trend arrow take the *health* colour of the latest grad norm; the
-  arrow only ever shows *direction*. Non-finite cells of a sparkline are a red ``×``.
+* Every colour of a value comes from the shared :mod:`consumers.thresholds` (green ok,
+  yellow warning, bold red critical; NaN/inf always bold red): the HealthTable's absolute
+  levels, or for the pre-clip norm (no absolute level suits every model) the Spike rule's
+  severity (latest value over the worker's recent median; plain until it has enough
+  history). Metrics judged by neither (return, sps) are not coloured unless non-finite.
+* A sparkline and its trend arrow take the colour of the latest value of their metric;
+  the arrow only ever shows *direction*. Non-finite cells of a sparkline are a red ``×``.
 * STALE rows are dimmed: their numbers are old news. So are finished ("done") rows,
   whose status is dim too: a worker that closed is no alarm.
 
-Layout adapts to the width it is given: at 80 columns the essentials (grad norm, its
+Layout adapts to the width it is given (:func:`tier_for`: the richest set of columns whose
+normal widths fit, so nothing is cut): at 80 columns the essentials (grad norm, its
 sparkline and trend, KL, clip fraction, update, age, status with restart/drop markers);
-from 110 columns pre-clip norm, entropy, explained variance, episode return and a dropped
-column; from 140 columns sps, learning rate and the producer's own timestamp.
+from 120 columns pre-clip norm, entropy, explained variance, episode return and a dropped
+column; from 155 the pre-clip sparkline beside the post-clip one, sps, learning rate and
+room for a spike's factor in the status; from 169 the producer's own timestamp.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ STATUS_LABEL = {DONE: "done", WAITING: "waiting", OK: "ok", WARNING: "warn", CRI
 #: Short metric names for the status cell ("CRIT EV"), so the cause is visible even at 80
 #: columns where the metric's own column is not shown.
 SHORT_METRIC = {"grad_norm": "grad", "approx_kl": "KL", "clip_fraction": "clip",
-                "entropy": "ent", "explained_variance": "EV"}
+                "entropy": "ent", "explained_variance": "EV", "pre_clip_grad_norm": "pre"}
 STATUS_STYLE = {DONE: "dim", WAITING: "dim", OK: "green", WARNING: "yellow", CRITICAL: "bold red",
                 NAN: "bold white on red", STALE: "bold magenta"}
 BANNER_STYLE = {
@@ -109,6 +113,33 @@ def fmt_lr(value: float | None) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def fmt_ratio(ratio: float) -> str:
+    """A spike factor in a few characters: 7.3x, 27x, 4e5x."""
+    if ratio < 10:
+        return f"{ratio:.1f}x"
+    if ratio < 1000:
+        return f"{ratio:.0f}x"
+    mantissa, exponent = f"{ratio:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}x"
+
+
+def row_value_style(state: MonitorState, row: Row, metric: str) -> str:
+    """Colour of a row's latest value of ``metric`` (see the module docstring): threshold
+    health, else spike severity (plain while there is too little history), else none."""
+    value = row.history.latest(metric)
+    if value is None:
+        return HEALTH_STYLE["unknown"]
+    if not math.isfinite(value):
+        return NONFINITE_STYLE
+    if state.health.for_metric(metric):
+        return HEALTH_STYLE[state.metric_health(metric, value)]
+    spike = state.spike_for(metric)
+    if spike is not None:
+        severity, ratio = state.spike_verdict(row, spike)
+        return "" if ratio is None else HEALTH_STYLE[severity]
+    return ""
+
+
 def metric_text(state: MonitorState, metric: str, value: float | None, digits: int = 3) -> Text:
     """A value coloured by its health (uncoloured for metrics without thresholds)."""
     text = fmt(value, digits, small_exp=metric in ("grad_norm", "pre_clip_grad_norm"))
@@ -121,11 +152,18 @@ def metric_text(state: MonitorState, metric: str, value: float | None, digits: i
     return Text(text, style=HEALTH_STYLE[state.metric_health(metric, value)])
 
 
+def row_metric_text(state: MonitorState, row: Row, metric: str, digits: int = 3) -> Text:
+    """A row's latest value of ``metric`` in its :func:`row_value_style` colour."""
+    value = row.history.latest(metric)
+    return Text(fmt(value, digits, small_exp=metric in ("grad_norm", "pre_clip_grad_norm")),
+                style=row_value_style(state, row, metric))
+
+
 def spark_text(state: MonitorState, row: Row, metric: str = "grad_norm") -> Text:
-    """10-cell sparkline plus trend arrow: colour = health of the latest value, arrow =
-    direction, non-finite cells red."""
+    """10-cell sparkline plus trend arrow: colour = health of the latest value (threshold
+    or spike, as :func:`row_value_style`), arrow = direction, non-finite cells red."""
     values = row.history.values(metric)
-    style = HEALTH_STYLE[state.metric_health(metric, values[-1] if values else None)]
+    style = row_value_style(state, row, metric)
     text = Text()
     for glyph, nonfinite in sparkline_cells(values):
         text.append(glyph, style=NONFINITE_STYLE if nonfinite else style)
@@ -145,7 +183,7 @@ class Column:
 
     key: str
     header: str
-    tier: int  # 0 always; 1 and 2 only when the terminal is wide enough
+    tier: int  # 0 always; 1, 2 and 3 only when the terminal is wide enough
     width: int
     justify: str = "right"
 
@@ -155,6 +193,7 @@ COLUMNS: tuple[Column, ...] = (
     Column("grad", "grad norm", 0, 9),
     Column("spark", "last 10", 0, 12, "left"),
     Column("pre", "pre-clip", 1, 8),
+    Column("prespark", "pre last 10", 2, 12, "left"),
     Column("kl", "KL", 0, 6),
     Column("clip", "clip", 0, 5),
     Column("entropy", "entropy", 1, 7),
@@ -164,24 +203,33 @@ COLUMNS: tuple[Column, ...] = (
     Column("lr", "lr", 2, 6),
     Column("update", "update", 0, 6),
     Column("age", "age", 0, 5),
-    Column("ts", "sent at", 2, 8),
+    Column("ts", "sent at", 3, 8),
     Column("dropped", "drop", 1, 4),
     Column("status", "status", 0, 9, "left"),
 )
-#: Extra room the worker (and run name) column gets in the richer layouts.
-WORKER_WIDTH_BY_TIER = (12, 14, 20)
+TIERS = (0, 1, 2, 3)
+#: Columns whose width grows with the layout: the worker (and run name) column, and the
+#: status, which from tier 2 has room for a spike's factor ("warn pre 7.3x"; below that
+#: "warn pre", so that 120 columns still get tier 1).
+WIDTH_BY_TIER = {"worker": (12, 14, 16, 20), "status": (9, 9, 13, 13)}
+#: The first tier whose status column has room for a spike's factor.
+SPIKE_RATIO_TIER = 2
+
+
+def column_width(column: Column, tier: int) -> int:
+    widths = WIDTH_BY_TIER.get(column.key)
+    return widths[tier] if widths is not None else column.width
 
 
 def table_width(tier: int) -> int:
     """Columns' widths plus one space either side of each (none at the table's edges)."""
-    columns = [c for c in COLUMNS if c.tier <= tier]
-    widths = [WORKER_WIDTH_BY_TIER[tier] if c.key == "worker" else c.width for c in columns]
+    widths = [column_width(c, tier) for c in COLUMNS if c.tier <= tier]
     return sum(widths) + 2 * (len(widths) - 1)
 
 
 def tier_for(width: int) -> int:
     """The richest layout that fits ``width`` columns (the essentials at any width)."""
-    for tier in (2, 1):
+    for tier in reversed(TIERS[1:]):
         if table_width(tier) <= width:
             return tier
     return 0
@@ -190,7 +238,14 @@ def tier_for(width: int) -> int:
 def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[str, Text]:
     status, culprit = state.row_verdict(row, now)
     status_label = STATUS_LABEL[status]
-    if culprit is not None:
+    spike = state.spike_named(culprit) if culprit is not None else None
+    if spike is not None:
+        # "warn pre 7.3x": which metric spiked, and (where there is room) by how much.
+        status_label += " " + SHORT_METRIC.get(spike.metric, spike.metric)
+        ratio = state.spike_verdict(row, spike)[1]
+        if tier >= SPIKE_RATIO_TIER and ratio is not None:
+            status_label += " " + fmt_ratio(ratio)
+    elif culprit is not None:
         status_label += " " + SHORT_METRIC.get(culprit, culprit)
     latest = row.history.latest
     # Restart and (in the narrow layout) loss markers ride next to the worker id, where
@@ -205,7 +260,8 @@ def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[
         "worker": label,
         "grad": metric_text(state, "grad_norm", latest("grad_norm"), 3),
         "spark": spark_text(state, row),
-        "pre": metric_text(state, "pre_clip_grad_norm", latest("pre_clip_grad_norm"), 3),
+        "pre": row_metric_text(state, row, "pre_clip_grad_norm", 3),
+        "prespark": spark_text(state, row, "pre_clip_grad_norm"),
         "kl": metric_text(state, "approx_kl", latest("approx_kl"), 4),
         "clip": metric_text(state, "clip_fraction", latest("clip_fraction"), 3),
         "entropy": metric_text(state, "entropy", latest("entropy"), 3),
@@ -252,7 +308,7 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
     label = Text("Σ " + run, style="bold cyan", overflow="ellipsis", no_wrap=True)
     return {
         "worker": label, "grad": mean("grad_norm", 3), "spark": worst,
-        "pre": mean("pre_clip_grad_norm", 3), "kl": mean("approx_kl", 4),
+        "pre": mean("pre_clip_grad_norm", 3), "prespark": Text(""), "kl": mean("approx_kl", 4),
         "clip": mean("clip_fraction", 3), "entropy": mean("entropy", 3),
         "ev": mean("explained_variance", 2), "ret": mean("episode_return_mean", 1),
         "sps": mean("sps", 0), "lr": Text(""),
@@ -347,9 +403,10 @@ class MonitorView:
                       header_style="bold", expand=False)
         for column in columns:
             worker = column.key == "worker"
+            width = column_width(column, tier)
             table.add_column(column.header, justify=column.justify,  # type: ignore[arg-type]
-                             min_width=None if worker else column.width,
-                             max_width=WORKER_WIDTH_BY_TIER[tier] if worker else None,
+                             min_width=None if worker else width,
+                             max_width=width if worker else None,
                              no_wrap=True, overflow="ellipsis")
         by_run: dict[str, list[Row]] = {run: [] for run in runs}
         for row in rows:

@@ -26,6 +26,7 @@ from consumers.monitor_view import (
     MonitorView,
     fmt,
     fmt_age,
+    fmt_ratio,
     render_text,
     table_width,
     tier_for,
@@ -312,8 +313,15 @@ def test_layout_is_readable_at_80_and_richer_when_wider():
         assert len(line) <= 80
         assert "…" not in line, line  # nothing essential truncated
     assert "KL" in narrow and "grad norm" in narrow and "return" not in narrow
-    assert "return" in wide and "55.5" in wide and "4321" in wide and "sent at" in wide
-    assert tier_for(80) == 0 and tier_for(table_width(2)) == 2
+    assert "pre last 10" not in narrow
+    assert "return" in wide and "55.5" in wide and "4321" in wide and "pre last 10" in wide
+    widest = render_text(state, NOW, width=table_width(3))
+    assert "sent at" in widest and "sent at" not in wide
+    for width in (80, 100, 119, 120, 154, 155, 160, 168, 169, 200):
+        frame = render_text(state, NOW, width=width)
+        assert "…" not in frame and max(len(line) for line in frame.splitlines()) <= width, width
+    assert tier_for(80) == 0 and tier_for(119) == 0 and tier_for(120) == 1 and tier_for(160) == 2
+    assert [tier_for(table_width(t)) for t in (0, 1, 2, 3)] == [0, 1, 2, 3]
 
 
 def test_frame_shows_finished_workers_as_done_and_dimmed():
@@ -346,7 +354,80 @@ def test_too_many_rows_for_the_terminal_shows_the_worst():
     assert "  33" in text and "12.000" in text
 
 
+def feed_pre(state: MonitorState, worker: int, pre_clip: list[float], now: float = NOW,
+             **fields) -> None:
+    """Updates as PPO with max_grad_norm 0.5 sends them: the post-clip norm pinned at the
+    clip, only the pre-clip norm telling what the gradients did."""
+    for seq, pre in enumerate(pre_clip):
+        state.ingest(update(worker=worker, seq=seq, grad_norm=min(pre, 0.5),
+                            pre_clip_grad_norm=pre, **fields), now)
+
+
+SPIKE = "pre_clip_grad_norm_spike"
+
+
+def test_pre_clip_spike_sets_the_row_status_by_its_severity():
+    state = connected_state()
+    feed_pre(state, 0, [1.0, 1.1, 0.9, 1.0, 1.05, 1.0])  # steady
+    feed_pre(state, 1, [1.0, 1.1, 0.9, 1.0, 1.05, 7.3])  # 7.3x the median of 5: warning
+    feed_pre(state, 2, [1.0, 1.1, 0.9, 1.0, 1.05, 25.0])  # 25x: critical
+    feed_pre(state, 3, [1.0, 1.0, 1.0, 30.0])  # 30x, but only 3 previous values: not judged
+    feed_pre(state, 4, [1.0, 1.1, 0.9, 1.0, 1.05, 7.3], approx_kl=0.05)  # KL critical wins
+    feed_pre(state, 5, [1.0, 1.1, 0.9, 1.0, 1.05, 7.3], approx_kl=0.02)  # both warning: KL named
+    feed_pre(state, 6, [1.0, 1.1, 0.9, 1.0, 1.05, 7.3], policy_loss=math.nan)  # NaN first
+    verdicts = {row.worker: state.row_verdict(row, NOW) for row in state.sorted_rows()}
+    assert verdicts == {0: (OK, None), 1: (WARNING, SPIKE), 2: (CRITICAL, SPIKE), 3: (OK, None),
+                        4: (CRITICAL, "approx_kl"), 5: (WARNING, "approx_kl"), 6: (NAN, None)}
+    spike = state.spike_named(SPIKE)
+    assert spike is not None and state.spike_named("approx_kl") is None
+    assert state.spike_verdict(state.rows[("r", 1)], spike) == ("warning", pytest.approx(7.3))
+    assert state.spike_verdict(state.rows[("r", 3)], spike) == ("ok", None)
+    banner = state.banner(NOW)
+    assert banner.state == "NaN DETECTED"
+    assert (banner.counts["critical"], banner.counts["warning"]) == (2, 2)
+    # Silence still outranks it, and a finished worker's old spike is no alarm.
+    assert state.row_status(state.rows[("r", 2)], NOW + 6) == STALE
+    state.sync(finished_streams(2), NOW, connected=True, ever_connected=True)
+    assert state.row_status(state.rows[("r", 2)], NOW) == DONE
+    # The median catches up: a norm that stays up stops being a spike (a level is not news).
+    feed_pre(state, 7, [1.0] * 4 + [8.0] * 6)  # previous 9: four 1s, five 8s: median 8
+    assert state.row_verdict(state.rows[("r", 7)], NOW) == (OK, None)
+
+
+def test_frame_shows_the_pre_clip_spike_and_its_sparkline():
+    state = connected_state()
+    feed_pre(state, 0, [1.0, 1.1, 0.9, 1.0, 1.05, 7.3])
+    feed_pre(state, 1, [1.0, 1.1, 0.9, 1.0, 1.05, 25.0])
+    feed_pre(state, 2, [2.0, 2.0, 2.0])  # too little history to judge: uncoloured
+    text, styled = render(state, width=160)
+    assert "WARNING" not in text.splitlines()[0] and " CRITICAL " in text
+    assert "warn pre 7.3x" in text and "CRIT pre 25x" in text
+    assert "yellow" in style_of(styled, "warn pre 7.3x")
+    assert "red" in style_of(styled, "CRIT pre 25x")
+    # The pre-clip value takes the spike's colour; the post-clip one stays healthy.
+    assert "yellow" in style_of(styled, "7.300")
+    assert "red" in style_of(styled, "25.000")
+    assert style_of(styled, "2.000") == ""
+    assert "green" in style_of(styled, "0.500", line_with="7.300")
+    # Both sparklines: post-clip flat at the clip (green), pre-clip jumping (spike colour).
+    assert "pre last 10" in text
+    line = next(row for row in text.splitlines() if "7.300" in row)
+    assert "▄▄▄▄▄▄ →" in line and "▁▁▁▁▁█ ↑" in line
+    assert "yellow" in style_of(styled, "█", line_with="7.300")
+    assert "yellow" in style_of(styled, "↑", line_with="7.300")
+    assert "green" in style_of(styled, "→", line_with="7.300")
+    # Narrower: the pre-clip value without its sparkline (120), then the essentials (100).
+    text, styled = render(state, width=120)
+    assert "pre-clip" in text and "pre last 10" not in text and "warn pre" in text
+    assert "warn pre 7.3x" not in text and "yellow" in style_of(styled, "7.300")
+    text, _ = render(state, width=100)
+    assert "pre-clip" not in text and "warn pre" in text and "CRIT pre" in text
+    assert "…" not in text
+
+
 def test_formatting_helpers():
+    assert fmt_ratio(7.34) == "7.3x" and fmt_ratio(27.4) == "27x" and fmt_ratio(4.2e5) == "4e5x"
+    assert fmt_ratio(1e300) == "1e300x"
     assert fmt(None) == "–" and fmt(math.nan) == "NaN" and fmt(-math.inf) == "-inf"
     assert fmt(1.23456) == "1.235" and fmt(2.5e7) == "2.50e+07" and fmt(0.0) == "0.000"
     assert fmt(3e-6) == "0.000" and fmt(3e-6, small_exp=True) == "3.00e-06"
@@ -421,6 +502,18 @@ def test_closed_emitter_shows_as_done_live_and_to_a_late_joiner(procs, daemon):
         out = mon.stdout.text()
         assert "1 done" in out and "LEARNING" in out, out
         assert any("done" in line and "1.500" in line for line in out.splitlines()), out
+
+
+def test_monitor_once_shows_a_pre_clip_spike(procs, daemon):
+    with TelemetryEmitter("spiky", 0, daemon.publish, heartbeat_interval=None) as worker:
+        assert worker.wait_for_bus(10)
+        for u, pre in enumerate([1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 0.95, 1.0, 1.02, 12.0]):
+            worker.emit_ppo_update(**ppo_fields(u, grad_norm=0.5, pre_clip_grad_norm=pre))
+        mon = procs.start(trainbus_cmd("monitor", "--once", "--wait", "1", "--width", "160"),
+                          env=daemon.env)
+        assert mon.wait(20) == 0
+    out = mon.stdout.text()
+    assert "WARNING" in out and "warn pre 12x" in out and "pre last 10" in out, out
 
 
 def test_monitor_rejects_refresh_above_10hz(procs):
