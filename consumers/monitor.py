@@ -396,21 +396,31 @@ class MonitorState:
 
     def fleet(self, run: str, now: float) -> tuple[str, dict[str, Any]]:
         """The fleet row of a run: ("aggregator", ppo_summary fields) when a summary arrived
-        within ``stale_after``, else ("local", the same rollup computed over live rows)."""
+        within ``stale_after``, else ("local", the same rollup computed over live rows).
+
+        Once every worker of the run has finished: ("final", the rollup of their last
+        values), whatever an aggregator said, since summaries cover live workers only and
+        an empty row would hide how the run ended."""
+        run_rows = [r for (row_run, _), r in self.rows.items() if row_run == run]
+        unfinished = [r for r in run_rows if not r.finished]
+        if run_rows and not unfinished:
+            return "final", dict(self._rollup(run_rows), workers_live=0, workers_stale=0)
         entry = self.summaries.get(run)
         if entry is not None and now - entry[1] <= self.stale_after:
             return "aggregator", entry[0]
-        run_rows = [r for (row_run, _), r in self.rows.items() if row_run == run and not r.finished]
-        live = [r for r in run_rows if r.age(now) <= self.stale_after]
-        stale = len(run_rows) - len(live)
+        live = [r for r in unfinished if r.age(now) <= self.stale_after]
+        return "local", dict(self._rollup(live), workers_live=len(live),
+                             workers_stale=len(unfinished) - len(live))
+
+    def _rollup(self, rows: list[Row]) -> dict[str, Any]:
+        """``metrics`` and ``updates`` of a ppo_summary, over ``rows``' latest values."""
         metrics: dict[str, dict[str, Any]] = {}
         for metric in FLEET_METRICS:
-            values = {r.worker: v for r in live if (v := r.history.latest(metric)) is not None}
+            values = {r.worker: v for r in rows if (v := r.history.latest(metric)) is not None}
             if values:
                 metrics[metric] = rollup(metric, values, self.health)
-        updates = max((r.update for r in live if r.update is not None), default=0)
-        return "local", {"workers_live": len(live), "workers_stale": stale, "updates": updates,
-                         "metrics": metrics}
+        updates = max((r.update for r in rows if r.update is not None), default=0)
+        return {"updates": updates, "metrics": metrics}
 
 
 def _worker_order(worker: WorkerId) -> tuple[int, int, str]:

@@ -313,7 +313,7 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
         "ev": mean("explained_variance", 2), "ret": mean("episode_return_mean", 1),
         "sps": mean("sps", 0), "lr": Text(""),
         "update": Text(str(summary.get("updates") or 0), style="bold"),
-        "age": Text("agg" if source == "aggregator" else "", style="dim"),
+        "age": Text({"aggregator": "agg", "final": "final"}.get(source, ""), style="dim"),
         "ts": Text(""), "dropped": Text(""),
         "status": status,
     }

@@ -185,6 +185,14 @@ def test_fleet_row_leaves_finished_workers_out():
     assert summary["workers_live"] == 1 and summary["workers_stale"] == 1
     assert summary["metrics"]["grad_norm"]["mean"] == pytest.approx(1.0)
     assert state.finished_workers("r") == 1
+    # The whole run finished: the fleet row keeps its final values, even over an
+    # aggregator's (empty: live workers only) last summary.
+    state.ingest(other("ppo_summary", workers_live=0, workers_stale=0, updates=0, metrics={}), NOW)
+    state.sync(finished_streams(0, 1, 2), NOW, connected=True, ever_connected=True)
+    source, summary = state.fleet("r", NOW)
+    assert source == "final" and summary["workers_live"] == 0 and summary["workers_stale"] == 0
+    assert summary["metrics"]["grad_norm"]["mean"] == pytest.approx((1.0 + 9.0 + 3.0) / 3)
+    assert summary["metrics"]["grad_norm"]["worst_worker"] == 1 and summary["updates"] == 0
 
 
 def test_fleet_row_local_or_from_aggregator():
@@ -341,6 +349,8 @@ def test_frame_shows_finished_workers_as_done_and_dimmed():
     assert " FINISHED " in text and "2 done" in text and "STALE" not in text
     assert style_of(styled, " FINISHED ") == BANNER_STYLE["FINISHED"]
     assert "dim" in style_of(styled, "done", line_with="Σ r")
+    fleet_line = next(line for line in text.splitlines() if "Σ r" in line)
+    assert "1.875" in fleet_line and "final" in fleet_line and " 1 " in fleet_line  # mean, update
 
 
 def test_too_many_rows_for_the_terminal_shows_the_worst():
