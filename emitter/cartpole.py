@@ -13,8 +13,11 @@ initial-state distribution follow Gym/Gymnasium's CartPole-v1 (Barto, Sutton & A
 
 Environments reset automatically: the observation returned for an environment whose
 episode just ended is the first observation of its next episode (as gym's vector envs do),
-and :class:`StepResult` carries the finished episode's return and length. Nothing here
-reads a tensor on the host, so stepping on CUDA never synchronises.
+and :class:`StepResult` carries the finished episode's return and length and its *final*
+observation (gymnasium's ``final_observation``, SB3's ``terminal_observation``): a learner
+needs it to bootstrap ``V(final observation)`` for an episode that was cut off by the time
+limit rather than ended by falling over. Nothing here reads a tensor on the host, so stepping
+on CUDA never synchronises.
 """
 
 from __future__ import annotations
@@ -42,10 +45,13 @@ NUM_ACTIONS = 2
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """One batched step. ``obs`` is already reset where ``done``; ``episode_return`` and
-    ``episode_length`` hold the finished episode's totals where ``done`` and 0 elsewhere."""
+    """One batched step. ``obs`` is already reset where ``done``; ``final_obs`` is the state
+    the step reached before that reset (equal to ``obs`` where not ``done``), so a truncated
+    episode's last state can still be valued; ``episode_return`` and ``episode_length`` hold
+    the finished episode's totals where ``done`` and 0 elsewhere."""
 
     obs: Tensor
+    final_obs: Tensor
     reward: Tensor
     terminated: Tensor
     truncated: Tensor
@@ -108,9 +114,11 @@ class CartPole:
         episode_return = torch.where(done, self.returns, 0.0)
         episode_length = torch.where(done, self.steps, 0)
         # Auto-reset: draw fresh start states for every env (cheap) and keep the done ones.
-        state = torch.where(done.unsqueeze(1), self._initial_states(self.num_envs), state)
-        self.state = state
+        # torch.where makes a new tensor, so ``state`` stays the pre-reset (final) state.
+        next_state = torch.where(done.unsqueeze(1), self._initial_states(self.num_envs), state)
+        self.state = next_state
         self.steps = torch.where(done, 0, self.steps)
         self.returns = torch.where(done, 0.0, self.returns)
-        return StepResult(state.clone(), reward, terminated, truncated, done,
-                          episode_return, episode_length)
+        return StepResult(obs=next_state.clone(), final_obs=state, reward=reward,
+                          terminated=terminated, truncated=truncated, done=done,
+                          episode_return=episode_return, episode_length=episode_length)

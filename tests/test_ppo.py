@@ -13,8 +13,9 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 torch = pytest.importorskip("torch")
 
 from bus import protocol  # noqa: E402
-from emitter.cartpole import CartPole  # noqa: E402
-from emitter.ppo import PPOConfig, train  # noqa: E402
+from emitter import ppo  # noqa: E402
+from emitter.cartpole import THETA_THRESHOLD, X_THRESHOLD, CartPole  # noqa: E402
+from emitter.ppo import ActorCritic, PPOConfig, train  # noqa: E402
 from emitter.telemetry import TelemetryEmitter  # noqa: E402
 
 OPTIONAL = tuple(protocol.PPO_UPDATE_OPTIONAL)
@@ -63,6 +64,11 @@ def test_cartpole_auto_reset_and_episode_tracking():
         if bool(done.any()):
             # Reset observations for finished envs, totals reported for them only.
             assert bool((out.obs[done].abs() <= 0.05).all())
+            # ... while final_obs keeps the state that ended them: past a threshold.
+            final = out.final_obs[done]
+            assert bool(((final[:, 0].abs() > X_THRESHOLD)
+                         | (final[:, 2].abs() > THETA_THRESHOLD)).all())
+            assert torch.equal(out.final_obs[~done], out.obs[~done])
             finished_returns += out.episode_return[done].tolist()
             finished_lengths += out.episode_length[done].tolist()
             assert bool((out.episode_return[~done] == 0).all())
@@ -81,6 +87,24 @@ def test_cartpole_truncates_at_the_step_limit():
     assert bool(out.truncated.all()) and not bool(out.terminated.any())
     assert out.episode_length.tolist() == [5, 5, 5, 5]
     assert out.episode_return.tolist() == [5.0] * 4
+
+
+def test_cartpole_final_obs_is_the_state_before_auto_reset():
+    """A truncated episode's last state (what a learner must value to bootstrap) is in
+    final_obs; obs already holds the next episode's start."""
+    limited = CartPole(4, seed=1, max_episode_steps=5)
+    endless = CartPole(4, seed=1)  # same seed and actions, but no truncation at step 5
+    assert torch.equal(limited.reset(), endless.reset())
+    for step in range(5):
+        action = torch.full((4,), step % 2, dtype=torch.int64)
+        out, ref = limited.step(action), endless.step(action)
+        if step < 4:
+            assert torch.equal(out.obs, ref.obs) and torch.equal(out.final_obs, out.obs)
+    assert bool(out.truncated.all()) and not bool(ref.done.any())
+    assert torch.equal(out.final_obs, ref.obs)  # the state step 5 reached
+    assert not torch.equal(out.obs, ref.obs)  # the reset state
+    assert bool((out.obs.abs() <= 0.05).all())
+    assert bool((out.final_obs[:, 1].abs() > 0.05).all())  # moving: not a start state
 
 
 def test_cartpole_seeds_differ_and_reproduce():
@@ -128,6 +152,47 @@ def test_learning_return_rises_within_30_updates():
     best_late = max(returns[-10:])
     assert early < 40, returns
     assert best_late >= 150, returns
+
+
+class _EndlessCritic(ActorCritic):
+    """A fixed critic saying 1 / (1 - gamma) everywhere: the exact value of an endless
+    stream of rewards of 1, which is what an episode cut off by the time limit still has."""
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return super().value(obs) * 0.0 + 1.0 / (1.0 - PPOConfig.gamma)
+
+
+class _OnePushCritic(ActorCritic):
+    """A fixed critic that tells a start state (|x_dot| <= 0.05) from a state one push later
+    (|x_dot| ~0.2): 0 for the former, 100 for the latter."""
+
+    def value(self, obs: torch.Tensor) -> torch.Tensor:
+        return super().value(obs) * 0.0 + 100.0 * (obs[:, 1].abs() > 0.1)
+
+
+def test_truncation_is_bootstrapped_so_an_exact_critic_sees_zero_advantage(monkeypatch):
+    """With the true value of an endless episode, every TD error is 1 + gamma*V - V = 0, the
+    truncated steps' included, only if they are bootstrapped; treating truncation as
+    termination would make them 1 - 100."""
+    monkeypatch.setattr(ppo, "ActorCritic", _EndlessCritic)
+    history = run(PPOConfig(num_updates=2, num_envs=4, num_steps=32, max_episode_steps=5))
+    for fields in history:
+        assert fields["episode_length_mean"] == 5  # every episode ended by truncation
+        assert abs(fields["advantage_mean"]) < 1e-4, fields["advantage_mean"]
+        assert fields["advantage_std"] < 1e-4
+
+
+def test_truncation_bootstraps_from_the_final_observation_not_the_reset_one(monkeypatch):
+    """Episodes of one step: every obs is a start state (V = 0) and every final state is
+    one push away (V = 100), so each advantage is 1 + 0.99 * 100 = 100 when V(final_obs)
+    is used, and 1 when the reset observation or nothing is."""
+    monkeypatch.setattr(ppo, "ActorCritic", _OnePushCritic)
+    history = run(PPOConfig(num_updates=2, num_envs=4, num_steps=16, max_episode_steps=1,
+                            num_minibatches=2))
+    for fields in history:
+        assert fields["episode_length_mean"] == 1
+        assert fields["advantage_mean"] == pytest.approx(100.0, abs=1e-3)
+        assert fields["advantage_std"] < 1e-3
 
 
 def test_inject_nan_reports_nan_then_recovers():
