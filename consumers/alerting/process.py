@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 
 from bus import endpoints, protocol
 from bus.cli import UsageError, add_subscriber_arguments, positive_float, run_name
+from consumers.alerting.alertmanager import DEFAULT_RESEND_S, AlertmanagerSink, alertmanager_url
 from consumers.alerting.engine import AlertEngine
+from consumers.alerting.promrules import DEFAULT_UPDATE_INTERVAL_S, prometheus_rules
 from consumers.alerting.rules import RulesError, load_rules
 from consumers.alerting.sinks import (
     DEFAULT_EXEC_TIMEOUT_S,
@@ -53,7 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="POST firing/resolved notifications as JSON with a Slack-style "
                              "'text' field (repeatable)")
     parser.add_argument("--webhook-timeout", type=positive_float, default=DEFAULT_WEBHOOK_TIMEOUT_S,
-                        metavar="S", help=f"per-attempt timeout (default {DEFAULT_WEBHOOK_TIMEOUT_S:g})")
+                        metavar="S", help="per-attempt timeout of --webhook and --alertmanager "
+                                          f"(default {DEFAULT_WEBHOOK_TIMEOUT_S:g})")
+    parser.add_argument("--alertmanager", action="append", default=[], metavar="URL",
+                        help="keep Prometheus Alertmanager at URL (e.g. http://127.0.0.1:9093) "
+                             "informed of firing/resolved alerts via its API v2 (repeatable)")
+    parser.add_argument("--alertmanager-resend", type=positive_float, default=DEFAULT_RESEND_S,
+                        metavar="S", help="re-post firing alerts every S seconds; endsAt = now + 4 S "
+                                          f"(default {DEFAULT_RESEND_S:g})")
     parser.add_argument("--silent-after", type=positive_float, metavar="S",
                         help="alert when a worker sends nothing for S seconds (default 30)")
     parser.add_argument("--run", type=run_name, metavar="R", help="only watch this run")
@@ -61,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not publish alert/<run>/<worker> events on the bus")
     parser.add_argument("--list-rules", action="store_true",
                         help="print the effective rules (after --rules) and exit")
+    parser.add_argument("--format", choices=("text", "prometheus"), default="text",
+                        help="--list-rules output: text (default) or a Prometheus rule file "
+                             "over `trainbus prometheus` series")
+    parser.add_argument("--update-interval", type=positive_float,
+                        default=DEFAULT_UPDATE_INTERVAL_S, metavar="S",
+                        help="--format prometheus: seconds per PPO update, to turn `for` (updates) "
+                             f"into durations (default {DEFAULT_UPDATE_INTERVAL_S:g})")
     add_subscriber_arguments(parser)
     # add_publisher_arguments would redefine --curve-client; only --publish is added here.
     parser.add_argument("--publish", metavar="EP",
@@ -79,11 +96,20 @@ def run(args: argparse.Namespace) -> int:
         rules = load_rules(args.rules, silent_after=args.silent_after)
     except RulesError as exc:
         raise UsageError(str(exc)) from None
+    if args.format != "text" and not args.list_rules:
+        raise UsageError("--format applies to --list-rules only")
     if args.list_rules:
+        if args.format == "prometheus":
+            sys.stdout.write(prometheus_rules(rules.values(), args.update_interval))
+            return 0
         for rule in rules.values():
             print(rule.describe())
         return 0
     webhooks = [_check_url(url) for url in args.webhook]
+    try:
+        alertmanagers = [alertmanager_url(url) for url in args.alertmanager]
+    except ValueError as exc:
+        raise UsageError(f"--alertmanager: {exc}") from None
 
     engine = AlertEngine(rules)
     sinks: list = [ConsoleSink()]
@@ -102,6 +128,9 @@ def run(args: argparse.Namespace) -> int:
         sinks.append(ExecSink(args.exec_cmd, timeout=args.exec_timeout))
     for url in webhooks:
         sinks.append(WebhookSink(url, timeout=args.webhook_timeout))
+    for url in alertmanagers:
+        sinks.append(AlertmanagerSink(url, resend=args.alertmanager_resend,
+                                      timeout=args.webhook_timeout))
     dispatcher = Dispatcher(sinks)
 
     stop = install_stop_handlers()

@@ -4,7 +4,8 @@ Two families, because they fail differently:
 
 * **Local sinks** (console, log file, bus) are fast and run inline: a write, a flush, a
   non-blocking ZeroMQ send. They see every notification, pending ones included.
-* **Pager sinks** (``--exec``, ``--webhook``) may take seconds or hang. Each runs on its own
+* **Pager sinks** (``--exec``, ``--webhook``, ``--alertmanager`` in
+  :mod:`consumers.alerting.alertmanager`) may take seconds or hang. Each runs on its own
   thread behind a bounded queue, so a slow endpoint can never delay evaluation of the next
   event; when the queue is full the *oldest* waiting notification is dropped (the newest
   state is the one worth delivering) and counted. They get only notifications that
@@ -128,6 +129,7 @@ class BusSink:
 # ---------------------------------------------------------------------- queued sinks
 
 _STOP = object()
+_IDLE = object()  # the queue stayed empty until the next idle() was due
 
 
 class QueuedSink:
@@ -138,6 +140,9 @@ class QueuedSink:
 
     name = "queued"
     pages_only = True
+    #: Seconds between :meth:`idle` calls on the delivery thread; None: never. For an
+    #: endpoint that forgets what is not repeated (Alertmanager expires unrefreshed alerts).
+    idle_interval: float | None = None
 
     def __init__(self, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
@@ -151,9 +156,13 @@ class QueuedSink:
 
     def send(self, note: Notification) -> None:
         """Never blocks: a full queue loses its oldest entry instead."""
+        self._enqueue(note)
+
+    def _enqueue(self, item: Any) -> None:
+        """Queue one item for :meth:`deliver` (dropping the oldest when full)."""
         while True:
             try:
-                self._queue.put_nowait(note)
+                self._queue.put_nowait(item)
                 return
             except queue.Full:
                 try:
@@ -189,8 +198,23 @@ class QueuedSink:
                         self._queue.qsize())
 
     def _loop(self) -> None:
+        interval = self.idle_interval
+        next_idle = None if interval is None else time.monotonic() + interval
         while True:
-            item = self._queue.get()
+            timeout = None if next_idle is None else max(0.0, next_idle - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = _IDLE
+            if next_idle is not None and interval is not None and time.monotonic() >= next_idle:
+                if not self._abort.is_set():
+                    try:
+                        self.idle()
+                    except Exception:  # a sink bug must not kill the thread
+                        log.exception("%s sink: periodic work raised", self.name)
+                next_idle = time.monotonic() + interval
+            if item is _IDLE:
+                continue
             try:
                 if item is _STOP:
                     return
@@ -209,8 +233,11 @@ class QueuedSink:
             finally:
                 self._queue.task_done()
 
-    def deliver(self, note: Notification) -> bool:
+    def deliver(self, note: Any) -> bool:
         raise NotImplementedError
+
+    def idle(self) -> None:
+        """Periodic work on the delivery thread, every :attr:`idle_interval` seconds."""
 
 
 class ExecSink(QueuedSink):
