@@ -75,9 +75,9 @@ ROW_METRICS: tuple[str, ...] = (
     "grad_norm", "pre_clip_grad_norm", "approx_kl", "clip_fraction", "entropy",
     "explained_variance", "episode_return_mean", "policy_loss", "value_loss", "lr", "sps",
     "nonfinite_grad_count")
-#: Metrics whose health colours a row (and the banner).
-HEALTH_METRICS: tuple[str, ...] = ("grad_norm", "approx_kl", "clip_fraction", "entropy",
-                                   "explained_variance")
+#: Metrics whose health decides a row's status (and the banner). Explained variance only
+#: colours its cell: on healthy solved runs it is noise around 0 (consumers.thresholds).
+HEALTH_METRICS: tuple[str, ...] = ("grad_norm", "approx_kl", "clip_fraction", "entropy")
 #: Metrics rolled up in the fleet row when no aggregator publishes ppo_summary.
 FLEET_METRICS: tuple[str, ...] = ("grad_norm", "pre_clip_grad_norm", "approx_kl", "clip_fraction",
                                   "entropy", "explained_variance", "episode_return_mean", "sps")
@@ -314,9 +314,13 @@ class MonitorState:
         return spike.ratio(values[:-1], values[-1])
 
     def spike_verdict(self, row: Row, spike: Spike) -> tuple[str, float | None]:
-        """(severity, ratio) of the row's latest value under one spike rule."""
-        ratio = self.spike_ratio(row, spike)
-        return spike.severity(ratio), ratio
+        """(severity, ratio) under one spike rule, judged as its alert is: the ratio is the
+        smallest of the last ``spike.sustain`` ones (the level all of them exceeded, as the
+        rule's ``for`` demands), or the latest ratio while fewer can be judged."""
+        sustained = spike.sustained_ratio(row.history.values(spike.metric))
+        if sustained is not None:
+            return spike.severity(sustained), sustained
+        return "ok", self.spike_ratio(row, spike)
 
     def row_status(self, row: Row, now: float) -> str:
         """done, STALE, NaN, critical, warning, ok, or waiting (heartbeats but no update yet)."""

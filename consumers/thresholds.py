@@ -59,8 +59,12 @@ DEFAULT_THRESHOLDS: tuple[Threshold, ...] = (
               "policy moved too far from the behaviour policy in one update"),
     Threshold("clip_fraction_high", "clip_fraction", ">", 0.25, 0.3,
               "too many samples hit the PPO clip"),
-    Threshold("explained_variance_low", "explained_variance", "<", 0.3, 0.0,
-              "value function explains little of the returns"),
+    # Warning only, and not part of a monitor row's status, and its alert rule is off by
+    # default: on recorded healthy CartPole runs that reached return 500, EV was below 0 in
+    # 25-57 % of updates (the returns barely vary, so EV is a ratio of two near-zero
+    # variances); a negative EV is worth a yellow cell, not a page (README, "Alerts").
+    Threshold("explained_variance_low", "explained_variance", "<", 0.0, None,
+              "value function predicts the returns worse than their mean"),
     Threshold("entropy_collapse", "entropy", "<", 0.05, 0.01,
               "policy entropy collapsed: exploration has stopped"),
 )
@@ -125,6 +129,8 @@ class Spike:
     warning: float | None
     critical: float | None
     min_history: int = 5
+    #: Consecutive updates a level must be exceeded (the alert rule's ``for``).
+    sustain: int = 1
     description: str = ""
 
     def ratio(self, previous: Sequence[float], value: float) -> float | None:
@@ -140,6 +146,21 @@ class Spike:
             return None
         return value / median
 
+    def recent_ratios(self, values: Sequence[float]) -> list[float | None]:
+        """The ratios of the last ``sustain`` values of a history (oldest first), each
+        against the values before it in that history."""
+        first = max(0, len(values) - self.sustain)
+        return [self.ratio(values[:i], values[i]) for i in range(first, len(values))]
+
+    def sustained_ratio(self, values: Sequence[float]) -> float | None:
+        """The smallest of :meth:`recent_ratios` (so ``severity`` of it is the level every
+        one of the last ``sustain`` values exceeded, as the alert's ``for`` demands), or
+        None when fewer than ``sustain`` of them can be judged."""
+        ratios = self.recent_ratios(values)
+        if len(ratios) < self.sustain or any(r is None for r in ratios):
+            return None
+        return min(r for r in ratios if r is not None)
+
     def severity(self, ratio: float | None) -> Severity:
         if ratio is None:
             return "ok"
@@ -150,9 +171,12 @@ class Spike:
         return "ok"
 
 
-#: Levels judged on recorded real runs (README, "Alerts"); see :class:`Spike`.
+#: Levels judged on recorded real runs (README, "Alerts"); see :class:`Spike`. A healthy
+#: CartPole run that failed one episode after many at 500 saw its pre-clip norm climb 40x in
+#: five updates and fall back (above 5x for three in a row): ``sustain = 4`` lets that pass,
+#: while gradients that grow ~1.5x per update or faster are caught within a few updates.
 DEFAULT_SPIKES: tuple[Spike, ...] = (
-    Spike("pre_clip_grad_norm_spike", "pre_clip_grad_norm", 5.0, 20.0,
+    Spike("pre_clip_grad_norm_spike", "pre_clip_grad_norm", 5.0, 20.0, sustain=4,
           description="pre-clip gradient norm far above this worker's recent median: "
                       "gradients are exploding (clipping may hide it from grad_norm)"),
 )

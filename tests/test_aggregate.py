@@ -31,7 +31,7 @@ def test_band_distance():
     assert band_distance("grad_norm", 0.05) == pytest.approx(0.05)  # below the 0.1 edge
     assert band_distance("grad_norm", 1.0) == pytest.approx(-0.9)  # inside: nearest edge 0.1
     assert band_distance("grad_norm", math.nan) == math.inf
-    assert band_distance("explained_variance", -0.2) == pytest.approx(0.5)
+    assert band_distance("explained_variance", -0.2) == pytest.approx(0.2)  # below 0.0
     assert band_distance("policy_loss", 3.0) is None  # no thresholds: no "worst"
     assert band_distance("policy_loss", math.inf) == math.inf
 

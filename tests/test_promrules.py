@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from dataclasses import replace
 
 import pytest
 
@@ -65,9 +66,10 @@ def test_threshold_rules_one_alert_per_severity_and_for_in_updates():
     vanishing = alerts_of(rules["grad_norm_vanishing"])
     assert set(vanishing) == {"warning"}
     assert vanishing["warning"].expr == 'trainbus_ppo_grad_norm{stage="post"} < 0.1'
-    # warmup becomes a join on the update index.
-    ev = alerts_of(rules["explained_variance_low"])
-    assert ev["critical"].expr == "trainbus_ppo_explained_variance < 0 and trainbus_ppo_update >= 20"
+    # warmup becomes a join on the update index (the EV rule is off by default; on here).
+    ev = alerts_of(replace(rules["explained_variance_low"], enabled=True))
+    assert set(ev) == {"warning"}
+    assert ev["warning"].expr == "trainbus_ppo_explained_variance < 0 and trainbus_ppo_update >= 20"
     assert ev["warning"].for_s == 90.0
     # Levels are scaled like the exporter scales the series (update_time_ms -> seconds).
     slow = Rule("slow_update", metric="update_time_ms", warning=500.0, critical=2000.0, for_=1)
@@ -198,10 +200,11 @@ def test_generated_rules_fire_when_the_engine_would(tmp_path):
     """Scripted series, one sample per update (10 s), through Prometheus' own rule engine,
     checked against the moment trainbus' engine fires on the same updates."""
     rules = default_rules()
+    rules["explained_variance_low"] = replace(rules["explained_variance_low"], enabled=True)
     assert engine_fires_at(rules["grad_norm_high"], [1, 1] + [12] * 4, "grad_norm") == 40
     assert engine_fires_at(rules["pre_clip_grad_norm_spike"], [1] * 10 + [30] * 4,
-                           "pre_clip_grad_norm") == 120
-    assert engine_fires_at(rules["explained_variance_low"], [0.1] * 31,
+                           "pre_clip_grad_norm") == 130
+    assert engine_fires_at(rules["explained_variance_low"], [-0.1] * 31,
                            "explained_variance") == 290
     (tmp_path / "rules.yml").write_text(prometheus_rules(rules.values(), 10.0))
     high = alerts_of(rules["grad_norm_high"])
@@ -227,7 +230,7 @@ def test_generated_rules_fire_when_the_engine_would(tmp_path):
                  "values": "1x9 30x3"},
                 {"series": 'trainbus_ppo_update{run="r",worker="3"}', "values": "0+1x13"},
                 {"series": 'trainbus_ppo_explained_variance{run="r",worker="5"}',
-                 "values": "0.1x30"},
+                 "values": "-0.1x30"},
                 {"series": 'trainbus_ppo_update{run="r",worker="5"}', "values": "0+1x30"},
             ],
             "alert_rule_test": [
@@ -243,15 +246,15 @@ def test_generated_rules_fire_when_the_engine_would(tmp_path):
                 {"eval_time": "20s", "alertname": "nonfinite", "exp_alerts": []},
                 {"eval_time": "20s", "alertname": "worker_silent", "exp_alerts": [
                     _expected(silent["warning"], "40", run="r", worker="2")]},
-                # 30x the median of the previous updates from 100 s; firing after 3.
-                {"eval_time": "110s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": []},
-                {"eval_time": "120s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": [
+                # 30x the median of the previous updates from 100 s; firing after 4.
+                {"eval_time": "120s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": []},
+                {"eval_time": "130s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": [
                     _expected(spike["warning"], "30", **pre),
                     _expected(spike["critical"], "30", **pre)]},
                 # Ignored before update 20 (t = 200 s), then 10 updates of patience.
                 {"eval_time": "280s", "alertname": "explained_variance_low", "exp_alerts": []},
                 {"eval_time": "290s", "alertname": "explained_variance_low", "exp_alerts": [
-                    _expected(ev["warning"], "0.1", run="r", worker="5")]},
+                    _expected(ev["warning"], "-0.1", run="r", worker="5")]},
             ],
         }],
     }

@@ -14,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
 
 from bus import endpoints, protocol
 from bus.cli import UsageError, add_subscriber_arguments, positive_float, run_name
@@ -71,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not publish alert/<run>/<worker> events on the bus")
     parser.add_argument("--list-rules", action="store_true",
                         help="print the effective rules (after --rules) and exit")
+    parser.add_argument("--replay", metavar="FILE",
+                        help="judge a recording (trainbus record) offline with these rules: "
+                             "print what would have been sent, then a summary, and exit")
     parser.add_argument("--format", choices=("text", "prometheus"), default="text",
                         help="--list-rules output: text (default) or a Prometheus rule file "
                              "over `trainbus prometheus` series")
@@ -105,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         for rule in rules.values():
             print(rule.describe())
         return 0
+    if args.replay:
+        return _replay(args, rules)
     webhooks = [_check_url(url) for url in args.webhook]
     try:
         alertmanagers = [alertmanager_url(url) for url in args.alertmanager]
@@ -167,4 +173,41 @@ def run(args: argparse.Namespace) -> int:
             publisher.close()
         counts = dict(engine.counts)
         log.info("stopped: notifications %s", counts or "none")
+    return 0
+
+
+def _replay(args: argparse.Namespace, rules: dict) -> int:
+    """``--replay FILE``: the engine over a recording on its own clock (no bus, no pager
+    sinks): the console lines (and ``--log``) it would have produced live, then one
+    summary line, so a rules file can be tried on last week's runs before it pages anyone."""
+    from collections import Counter
+
+    from bus.recording import RecordingError
+    from consumers.alerting.offline import judge_recording
+
+    if not Path(args.replay).is_file():
+        raise UsageError(f"--replay: no such file: {args.replay}")
+    sinks: list = [ConsoleSink()]
+    if args.log:
+        try:
+            sinks.append(JsonlSink(args.log))
+        except OSError as exc:
+            raise UsageError(f"--log: cannot open {args.log}: {exc.strerror or exc}") from None
+    try:
+        _, notes = judge_recording(args.replay, rules)
+    except RecordingError as exc:
+        raise UsageError(f"--replay: {args.replay}: {exc}") from None
+    pages_per_key: Counter[tuple] = Counter()
+    for note in notes:
+        if args.run is not None and note.run != args.run:
+            continue
+        for sink in sinks:
+            sink.send(note)
+        if note.pages:
+            pages_per_key[note.key] += 1
+    for sink in sinks:
+        sink.close(FLUSH_TIMEOUT_S)
+    worst = max(pages_per_key.values(), default=0)
+    print(f"replayed {args.replay}: {sum(pages_per_key.values())} paging notification(s) "
+          f"over {len(pages_per_key)} key(s), at most {worst} for one key")
     return 0

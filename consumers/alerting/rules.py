@@ -89,7 +89,8 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _THRESHOLD_EXTRAS: dict[str, dict[str, Any]] = {
     "grad_norm_vanishing": {"for_": 5},
     "entropy_collapse": {"for_": 5},
-    "explained_variance_low": {"for_": 10, "warmup": 20},
+    # Off by default (see consumers.thresholds): on solved CartPole EV is noise around 0.
+    "explained_variance_low": {"for_": 10, "warmup": 20, "enabled": False},
 }
 
 
@@ -221,7 +222,8 @@ def rule_from_threshold(threshold: Threshold, **overrides: Any) -> Rule:
 
 def rule_from_spike(spike: Spike, **overrides: Any) -> Rule:
     """The alert rule for one shared spike definition (same name, metric, factors)."""
-    params: dict[str, Any] = {"summary": spike.description, "min_history": spike.min_history}
+    params: dict[str, Any] = {"summary": spike.description, "min_history": spike.min_history,
+                              "for_": spike.sustain}
     params.update(_THRESHOLD_EXTRAS.get(spike.name, {}))
     params.update(overrides)
     return Rule(name=spike.name, kind="spike", metric=spike.metric, op=">",
@@ -443,7 +445,7 @@ def load_rules(path: str | Path | None = None, *, silent_after: float | None = N
             if rule.kind == "silent" and name == SILENT_RULE:
                 rules[name] = validate_rule(replace(rule, warning=silent_after, clear=None,
                                                     critical_clear=None))
-    return rules
+    return {name: rule for name, rule in rules.items() if rule.enabled}
 
 
 def rules_table(rules: Mapping[str, Rule]) -> list[dict[str, Any]]:
