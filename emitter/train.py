@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -86,10 +87,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inject-nan-at", type=positive_int, metavar="U",
                         help="fault drill: poison one gradient element with NaN at update U")
     parser.add_argument("--explode-at", type=positive_int, metavar="U",
-                        help="fault drill: from update U, scale the loss by 1.15 more per update "
-                             "(use with --max-grad-norm inf to see grad_norm pass 5 then 10)")
+                        help="fault drill: from update U, scale the loss by --explode-growth more "
+                             "per update (use with --max-grad-norm inf to see grad_norm pass 5 "
+                             "then 10)")
+    parser.add_argument("--explode-growth", type=_growth, default=1.15, metavar="G",
+                        help="fault drill: per-update growth of --explode-at's loss scale, > 1 "
+                             "(default 1.15: a slow climb; 2 doubles the gradients every update, "
+                             "a blow-up the pre-clip spike rule sees even under clipping)")
     parser.add_argument("--device", default="cpu", metavar="DEV",
                         help="torch device for the workers, e.g. cpu or cuda (default cpu)")
+
+
+def _growth(text: str) -> float:
+    value = positive_float(text)
+    if not value > 1 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"expected a finite growth factor > 1, got {text!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -221,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed + i, "device": args.device, "num_envs": args.envs,
                 "num_updates": args.updates, "learning_rate": args.lr,
                 "max_grad_norm": args.max_grad_norm, "inject_nan_at": args.inject_nan_at,
-                "explode_at": args.explode_at,
+                "explode_at": args.explode_at, "explode_growth": args.explode_growth,
             }
             spec = WorkerSpec(i, run_id, publish, curve, os.getpid(), log_level, config)
             proc = ctx.Process(target=worker_main, args=(spec,), name=f"trainbus-worker-{i}")

@@ -315,13 +315,17 @@ def test_oscillating_severity_pages_once_then_only_net_changes_per_group_interva
     assert eng.counts["held"] > 50
 
 
-def test_change_and_change_back_within_group_interval_sends_nothing():
+def test_escalation_pages_at_once_and_change_and_change_back_sends_nothing_more():
     eng = engine()
-    notes = feed(eng, [7.0] * 3 + [12.0] * 3 + [7.0] * 3)  # escalated, then de-escalated
-    assert by([n for n in notes if n.pages]) == [("fired", "firing", "warning")]
-    # Past the floor, the key is back where the last page left it: still nothing.
-    assert [n for n in feed(eng, [7.0] * 100, start=9) if n.pages] == []
-    assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "warning")
+    # Warning, then critical: getting worse is news, the floor does not hold it.
+    notes = feed(eng, [7.0] * 3 + [12.0] * 3)
+    assert by([n for n in notes if n.pages]) == [("fired", "firing", "warning"),
+                                                 ("escalated", "firing", "critical")]
+    # Down and up again within the floor: both held ...
+    assert [n for n in feed(eng, [7.0] * 3 + [12.0] * 3, start=6) if n.pages] == []
+    # ... and past it the key is back where the last page left it: still nothing.
+    assert [n for n in feed(eng, [12.0] * 100, start=12) if n.pages] == []
+    assert eng.state_of("r", 0, "grad_norm_high") == ("firing", "critical")
 
 
 def test_resolution_inside_group_interval_is_held_then_sent_once():

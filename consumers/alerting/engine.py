@@ -19,7 +19,9 @@ observations, both ways, so a value wandering across the critical level is not a
 every few updates (the flapping seen on real runs before this rule).
 
 Paging floor (Alertmanager's ``group_interval``, per rule): once a key has paged, a
-further paging transition within ``group_interval`` seconds is *held*, not sent; when the
+further paging transition within ``group_interval`` seconds is *held*, not sent (except a
+first escalation to critical: getting worse pages at once, going critical *again* within
+the interval is held like the rest); when the
 interval has passed (checked on :meth:`tick`) only the net change goes out — resolved,
 fired again, escalated or de-escalated relative to what was last sent — or nothing, when
 the key is back where the last page left it. Pending notifications are limited the same
@@ -147,6 +149,7 @@ class _Paged:
     state: str  # firing | resolved
     severity: str
     at: float
+    critical_at: float | None = None  # when "firing critical" was last paged
 
 
 @dataclass(slots=True)
@@ -291,7 +294,7 @@ class AlertEngine:
         for note in kept:
             self.counts[note.transition] += 1
             if note.pages and not note.reminder:
-                self._paged[note.key] = _Paged(note.state, note.severity, now)
+                self._paged[note.key] = self._paged_now(note.key, note.state, note.severity, now)
                 self._held.pop(note.key, None)
         return kept
 
@@ -428,11 +431,20 @@ class AlertEngine:
                 return
             elif transition in PAGING and transition != REMINDER:
                 paged = self._paged.get(key)
-                if paged is not None and now - paged.at < rule.group_interval:
+                if paged is not None and self._holds(paged, transition, now, rule.group_interval):
                     self._held[key] = alert  # the net change goes out on a later tick
                     self.counts["held"] += 1
                     return
         self._send(key, rule, alert, transition, now, wall, out)
+
+    @staticmethod
+    def _holds(paged: _Paged, transition: str, now: float, interval: float) -> bool:
+        """Whether the paging floor holds this change. A first escalation to critical is
+        never held (getting worse is the news a pager exists for); going critical again
+        within ``interval`` of the last critical page is, as is every other change."""
+        if transition == ESCALATED:
+            return paged.critical_at is not None and now - paged.critical_at < interval
+        return now - paged.at < interval
 
     def _send(self, key: Key, rule: Rule, alert: _Alert, transition: str, now: float,
               wall: float, out: list[Notification]) -> None:
@@ -445,7 +457,7 @@ class AlertEngine:
             threshold = None
         alert.last_sent = now
         if transition in PAGING and transition != REMINDER:
-            self._paged[key] = _Paged(state, alert.severity, now)
+            self._paged[key] = self._paged_now(key, state, alert.severity, now)
             self._held.pop(key, None)
         self.counts[transition] += 1
         out.append(Notification(
@@ -453,6 +465,13 @@ class AlertEngine:
             severity=alert.severity, since=since, transition=transition, at=wall,
             value=alert.value, threshold=threshold, reminder=transition == REMINDER,
             summary=_summary(rule, alert, transition, threshold)))
+
+    def _paged_now(self, key: Key, state: str, severity: str, now: float) -> _Paged:
+        before = self._paged.get(key)
+        critical_at = before.critical_at if before is not None else None
+        if state == "firing" and severity == "critical":
+            critical_at = now
+        return _Paged(state, severity, now, critical_at)
 
     def _release_held(self, now: float, wall: float, out: list[Notification]) -> None:
         """Send the net change of every held key whose ``group_interval`` has passed."""
