@@ -517,6 +517,9 @@ def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None
             return "worker is sending events again"
         side = "below" if rule.op == ">" else "above"
         what = "resolved" if transition == RESOLVED else "pending cancelled"
+        if rule.kind == "spike":
+            return (f"{what}: {rule.metric} back to {value}x its recent median "
+                    f"(below {_fmt(threshold)}x)")
         return f"{what}: {rule.metric} = {value}, back {side} {_fmt(threshold)}"
     if rule.kind == "nonfinite":
         head = f"{alert.metric} = {value}"

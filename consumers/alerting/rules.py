@@ -90,7 +90,7 @@ _THRESHOLD_EXTRAS: dict[str, dict[str, Any]] = {
     "grad_norm_vanishing": {"for_": 5},
     "entropy_collapse": {"for_": 5},
     # Off by default (see consumers.thresholds): on solved CartPole EV is noise around 0.
-    "explained_variance_low": {"for_": 10, "warmup": 20, "enabled": False},
+    "explained_variance_low": {"for_": 10, "warmup": 20, "clear": 0.1, "enabled": False},
 }
 
 
