@@ -4,7 +4,8 @@ Usage::
 
     trainbus train [--publish EP] [--curve-client DIR] [--workers N] [--envs M]
                    [--updates K] [--run NAME] [--seed S] [--max-grad-norm X] [--lr X]
-                   [--inject-nan-at U] [--explode-at U] [--device cpu|cuda]
+                   [--inject-nan-at U] [--explode-at U] [--explode-growth G]
+                   [--device cpu|cuda]
 
 Each worker is its own process (multiprocessing *spawn*: a fresh interpreter, so no
 inherited torch threads, ZeroMQ context or locks), with worker id i and seed ``S + i``,
@@ -15,8 +16,10 @@ emitter never blocks, so start/stop the daemon at will.
 Fault drills (what an operator's monitor and alerts should show; see emitter/ppo.py)::
 
     trainbus train --inject-nan-at 20              # NaN grad norm at update 20, then recovery
-    trainbus train --max-grad-norm inf --explode-at 5   # grad_norm 5.7 at update 6, 12.6 at 9
-    trainbus train --max-grad-norm inf             # unclipped: past 5 at 7, past 10 at 28
+    trainbus train --max-grad-norm inf --explode-at 5   # grad_norm past 5 at update 5, 10 at 7
+    trainbus train --max-grad-norm inf             # unclipped: past 5 at 6, past 10 at 15
+    trainbus train --explode-at 20 --explode-growth 2   # clipped: only the pre-clip norm
+                                                   # explodes (the spike rule's drill)
 
 Stopping: Ctrl-C (SIGINT to the foreground group) or SIGTERM to this process stops every
 worker after its current update (each closes its emitter, flushing queued events for at
