@@ -417,3 +417,22 @@ def test_explained_variance_rule_is_off_by_default():
     eng = engine()
     assert "explained_variance_low" not in eng.rules
     assert feed(eng, [-5.0] * 100, metric="explained_variance") == []
+
+
+def test_synthetic_healthy_stream_is_healthy_by_the_default_rules():
+    """`trainbus publish` (pattern healthy) is what demos and load tests run: 100 workers
+    for 300 updates must page nothing (it once fired explained_variance on 551 of 1000)."""
+    import random
+
+    from bus.synthetic import synthetic_update
+
+    eng = engine()
+    pages = []
+    for worker in range(100):
+        rng = random.Random(worker)
+        for update in range(300):
+            now = float(update)
+            fields = synthetic_update("healthy", update, rng)
+            pages += [n for n in eng.observe_fields("s", worker, fields, now) if n.pages]
+            pages += [n for n in eng.tick(now) if n.pages]
+    assert pages == [], [n.text() for n in pages[:5]]

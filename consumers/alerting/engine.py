@@ -180,11 +180,14 @@ class AlertEngine:
     def __init__(self, rules: Mapping[str, Rule] | Iterable[Rule]) -> None:
         items = tuple(rules.values()) if isinstance(rules, Mapping) else tuple(rules)
         self.rules: dict[str, Rule] = {r.name: r for r in items if r.enabled}
-        self._threshold = tuple(r for r in self.rules.values() if r.kind == "threshold")
+        # (rule, clear level, critical_clear level): derived once, not per observation.
+        self._threshold = tuple((r, r.clear_level, r.critical_clear_level)
+                                for r in self.rules.values() if r.kind == "threshold")
         self._nonfinite = tuple(r for r in self.rules.values() if r.kind == "nonfinite")
         self._silent = tuple(r for r in self.rules.values() if r.kind == "silent")
         self._dropped = tuple(r for r in self.rules.values() if r.kind == "dropped")
-        self._spike = tuple(r for r in self.rules.values() if r.kind == "spike")
+        self._spike = tuple((r, r.clear_level, r.critical_clear_level, _spike(r))
+                            for r in self.rules.values() if r.kind == "spike")
         self._alerts: dict[Key, _Alert] = {}
         self._drops: dict[tuple[str, int | str, str], _DropWindow] = {}
         # Paging floor: the last paged state per key; keys with a held change (and the
@@ -212,7 +215,7 @@ class AlertEngine:
         wall = now if wall is None else wall
         out: list[Notification] = []
         update = fields.get("update")
-        for rule in self._threshold:
+        for rule, clear, critical_clear in self._threshold:
             value = fields.get(rule.metric)
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue  # absent = not measured: no evidence either way
@@ -222,10 +225,9 @@ class AlertEngine:
             if rule.warmup and isinstance(update, int) and update < rule.warmup:
                 continue
             self._step((run, worker, rule.name), rule, rule.level_of(value),
-                       rule.past(value, rule.clear_level),
-                       rule.past(value, rule.critical_clear_level),
+                       rule.past(value, clear), rule.past(value, critical_clear),
                        value, rule.metric, now, wall, out)
-        for rule in self._spike:
+        for rule, clear, critical_clear, spike in self._spike:
             value = fields.get(rule.metric)
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
@@ -234,13 +236,12 @@ class AlertEngine:
             previous = self._previous.get(key)
             if previous is None:
                 previous = self._previous[key] = deque(maxlen=HISTORY_LEN - 1)
-            ratio = _spike(rule).ratio(previous, value)
+            ratio = spike.ratio(previous, value)
             previous.append(value)  # NaN too: it is history (Spike.ratio skips it)
             if ratio is None:
                 continue  # too little finite history, or a non-finite value: no evidence
-            self._step(key, rule, rule.level_of(ratio), rule.past(ratio, rule.clear_level),
-                       rule.past(ratio, rule.critical_clear_level), ratio, rule.metric,
-                       now, wall, out)
+            self._step(key, rule, rule.level_of(ratio), rule.past(ratio, clear),
+                       rule.past(ratio, critical_clear), ratio, rule.metric, now, wall, out)
         for rule in self._nonfinite:
             bad_metric, bad_value, seen = None, None, False
             for name in rule.metrics:
