@@ -44,7 +44,7 @@ from typing import Any
 
 from bus import protocol
 from consumers.aggregate import rollup
-from consumers.history import History
+from consumers.history import HISTORY_LEN, History
 from consumers.thresholds import (
     DEFAULT_HEALTH,
     DEFAULT_SPIKES,
@@ -52,6 +52,7 @@ from consumers.thresholds import (
     SEVERITY_RANK,
     HealthTable,
     Spike,
+    SpikeTracker,
 )
 
 log = logging.getLogger("trainbus.monitor")
@@ -113,6 +114,8 @@ class Row:
     restarts: int = 0
     dropped: int = 0
     finished: bool = False  # its current session closed (StreamState.finished)
+    # Per spike rule (by name): ratios judged as each update arrived, as the alert engine does.
+    spikes: dict[str, SpikeTracker] = field(default_factory=dict)
 
     def latest(self, metric: str) -> float | None:
         return self.history.latest(metric)
@@ -209,6 +212,13 @@ class MonitorState:
             if kind == protocol.PPO_UPDATE:
                 fields = event.fields
                 row.history.add(fields)
+                for spike in self.spikes:
+                    value = fields.get(spike.metric)
+                    if isinstance(value, float | int) and not isinstance(value, bool):
+                        tracker = row.spikes.get(spike.name)
+                        if tracker is None:
+                            tracker = row.spikes[spike.name] = SpikeTracker(spike, HISTORY_LEN)
+                        tracker.observe(float(value))
                 row.update = fields["update"]
                 row.env_steps = fields["env_steps"]
                 row.updates += 1
@@ -306,18 +316,17 @@ class MonitorState:
 
     @staticmethod
     def spike_ratio(row: Row, spike: Spike) -> float | None:
-        """The row's latest value of the spike's metric over the median of the values before
-        it in the 10-entry history; None before ``min_history`` of them (see Spike)."""
-        values = row.history.values(spike.metric)
-        if not values:
-            return None
-        return spike.ratio(values[:-1], values[-1])
+        """The row's latest value of the spike's metric over the median of the (up to 9)
+        values before it; None before ``min_history`` of them (see Spike)."""
+        tracker = row.spikes.get(spike.name)
+        return tracker.latest if tracker is not None else None
 
     def spike_verdict(self, row: Row, spike: Spike) -> tuple[str, float | None]:
         """(severity, ratio) under one spike rule, judged as its alert is: the ratio is the
         smallest of the last ``spike.sustain`` ones (the level all of them exceeded, as the
         rule's ``for`` demands), or the latest ratio while fewer can be judged."""
-        sustained = spike.sustained_ratio(row.history.values(spike.metric))
+        tracker = row.spikes.get(spike.name)
+        sustained = tracker.sustained() if tracker is not None else None
         if sustained is not None:
             return spike.severity(sustained), sustained
         return "ok", self.spike_ratio(row, spike)

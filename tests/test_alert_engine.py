@@ -390,8 +390,8 @@ def test_pre_clip_spike_fires_at_any_clip_while_grad_norm_stays_clipped():
     notes = feed(eng, calm, metric="pre_clip_grad_norm", grad_norm=0.5)
     assert notes == []
     # The gradient explodes; clipping holds grad_norm at 0.5 throughout.
-    notes = feed(eng, [15.0, 40.0, 90.0, 200.0], metric="pre_clip_grad_norm", grad_norm=0.5,
-                 start=100)
+    notes = feed(eng, [15.0, 40.0, 90.0, 200.0, 450.0, 1000.0], metric="pre_clip_grad_norm",
+                 grad_norm=0.5, start=100)
     spike = by(notes, "pre_clip_grad_norm_spike")
     assert spike[0] == ("pending", "pending", "warning")
     assert ("fired", "firing", "critical") in spike

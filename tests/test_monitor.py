@@ -383,22 +383,22 @@ def test_pre_clip_spike_sets_the_row_status_by_its_severity():
     state = connected_state()
     base = [1.0, 1.1, 0.9, 1.0, 1.05]
     feed_pre(state, 0, base + [1.0])  # steady
-    feed_pre(state, 1, base + [7.3] * 4)  # above 5x its median for 4 updates (sustain): warning
-    feed_pre(state, 2, base + [25.0] * 4)  # above 20x for 4: critical
+    feed_pre(state, 1, base + [7.3] * 5)  # above 5x its median for 5 updates (sustain): warning
+    feed_pre(state, 2, base + [25.0] * 5)  # above 20x for 5: critical
     feed_pre(state, 3, [1.0, 1.0, 1.0, 30.0])  # 30x, but only 3 previous values: not judged
-    feed_pre(state, 4, base + [7.3] * 4, approx_kl=0.05)  # KL critical wins
-    feed_pre(state, 5, base + [7.3] * 4, approx_kl=0.02)  # both warning: KL named
-    feed_pre(state, 6, base + [7.3] * 4, policy_loss=math.nan)  # NaN first
+    feed_pre(state, 4, base + [7.3] * 5, approx_kl=0.05)  # KL critical wins
+    feed_pre(state, 5, base + [7.3] * 5, approx_kl=0.02)  # both warning: KL named
+    feed_pre(state, 6, base + [7.3] * 5, policy_loss=math.nan)  # NaN first
     feed_pre(state, 8, base + [30.0])  # one update 30x: not sustained, as the alert's `for`
-    feed_pre(state, 9, base + [30.0] * 3 + [1.0])  # three, then back: still not a spike
+    feed_pre(state, 9, base + [30.0] * 4 + [1.0])  # four, then back: still not a spike
     verdicts = {row.worker: state.row_verdict(row, NOW) for row in state.sorted_rows()}
     assert verdicts == {0: (OK, None), 1: (WARNING, SPIKE), 2: (CRITICAL, SPIKE), 3: (OK, None),
                         4: (CRITICAL, "approx_kl"), 5: (WARNING, "approx_kl"), 6: (NAN, None),
                         8: (OK, None), 9: (OK, None)}
     spike = state.spike_named(SPIKE)
     assert spike is not None and state.spike_named("approx_kl") is None
-    # The ratio shown is the level all four exceeded: the 4th 7.3 against a median of 1.075.
-    assert state.spike_verdict(state.rows[("r", 1)], spike) == ("warning", pytest.approx(7.3 / 1.075))
+    # The ratio shown is the level all five exceeded: the 5th 7.3 against a median of 1.1.
+    assert state.spike_verdict(state.rows[("r", 1)], spike) == ("warning", pytest.approx(7.3 / 1.1))
     assert state.spike_verdict(state.rows[("r", 8)], spike) == ("ok", pytest.approx(30.0))
     assert state.spike_verdict(state.rows[("r", 3)], spike) == ("ok", None)
     banner = state.banner(NOW)
@@ -415,13 +415,13 @@ def test_pre_clip_spike_sets_the_row_status_by_its_severity():
 
 def test_frame_shows_the_pre_clip_spike_and_its_sparkline():
     state = connected_state()
-    feed_pre(state, 0, [1.0, 1.1, 0.9, 1.0, 1.05] + [7.3] * 4)
-    feed_pre(state, 1, [1.0, 1.1, 0.9, 1.0, 1.05] + [25.0] * 4)
+    feed_pre(state, 0, [1.0, 1.1, 0.9, 1.0, 1.05] + [7.3] * 5)
+    feed_pre(state, 1, [1.0, 1.1, 0.9, 1.0, 1.05] + [25.0] * 5)
     feed_pre(state, 2, [2.0, 2.0, 2.0])  # too little history to judge: uncoloured
     text, styled = render(state, width=160)
     assert "WARNING" not in text.splitlines()[0] and " CRITICAL " in text
-    assert "warn pre 6.8x" in text and "CRIT pre 23x" in text
-    assert "yellow" in style_of(styled, "warn pre 6.8x")
+    assert "warn pre 6.6x" in text and "CRIT pre 23x" in text
+    assert "yellow" in style_of(styled, "warn pre 6.6x")
     assert "red" in style_of(styled, "CRIT pre 23x")
     # The pre-clip value takes the spike's colour; the post-clip one stays healthy.
     assert "yellow" in style_of(styled, "7.300")
@@ -431,14 +431,14 @@ def test_frame_shows_the_pre_clip_spike_and_its_sparkline():
     # Both sparklines: post-clip flat at the clip (green), pre-clip jumping (spike colour).
     assert "pre last 10" in text
     line = next(row for row in text.splitlines() if "7.300" in row)
-    assert "▄▄▄▄▄▄ →" in line and "▁▁▁▁▁████ ↑" in line
+    assert "▄▄▄▄▄▄ →" in line and "▁▁▁▁▁█████ ↑" in line
     assert "yellow" in style_of(styled, "█", line_with="7.300")
     assert "yellow" in style_of(styled, "↑", line_with="7.300")
     assert "green" in style_of(styled, "→", line_with="7.300")
     # Narrower: the pre-clip value without its sparkline (120), then the essentials (100).
     text, styled = render(state, width=120)
     assert "pre-clip" in text and "pre last 10" not in text and "warn pre" in text
-    assert "warn pre 6.8x" not in text and "yellow" in style_of(styled, "7.300")
+    assert "warn pre 6.6x" not in text and "yellow" in style_of(styled, "7.300")
     text, _ = render(state, width=100)
     assert "pre-clip" not in text and "warn pre" in text and "CRIT pre" in text
     assert "…" not in text
@@ -526,7 +526,7 @@ def test_closed_emitter_shows_as_done_live_and_to_a_late_joiner(procs, daemon):
 def test_monitor_once_shows_a_pre_clip_spike(procs, daemon):
     with TelemetryEmitter("spiky", 0, daemon.publish, heartbeat_interval=None) as worker:
         assert worker.wait_for_bus(10)
-        for u, pre in enumerate([1.0, 1.1, 0.9, 1.0, 1.05, 1.0, 12.0, 12.0, 12.0, 12.0]):
+        for u, pre in enumerate([1.0, 1.1, 0.9, 1.0, 1.05, 12.0, 12.0, 12.0, 12.0, 12.0]):
             worker.emit_ppo_update(**ppo_fields(u, grad_norm=0.5, pre_clip_grad_norm=pre))
         mon = procs.start(trainbus_cmd("monitor", "--once", "--wait", "1", "--width", "160"),
                           env=daemon.env)

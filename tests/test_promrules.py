@@ -202,8 +202,8 @@ def test_generated_rules_fire_when_the_engine_would(tmp_path):
     rules = default_rules()
     rules["explained_variance_low"] = replace(rules["explained_variance_low"], enabled=True)
     assert engine_fires_at(rules["grad_norm_high"], [1, 1] + [12] * 4, "grad_norm") == 40
-    assert engine_fires_at(rules["pre_clip_grad_norm_spike"], [1] * 10 + [30] * 4,
-                           "pre_clip_grad_norm") == 130
+    assert engine_fires_at(rules["pre_clip_grad_norm_spike"], [1] * 10 + [30] * 5,
+                           "pre_clip_grad_norm") == 140
     assert engine_fires_at(rules["explained_variance_low"], [-0.1] * 31,
                            "explained_variance") == 290
     (tmp_path / "rules.yml").write_text(prometheus_rules(rules.values(), 10.0))
@@ -227,7 +227,7 @@ def test_generated_rules_fire_when_the_engine_would(tmp_path):
                 {"series": 'trainbus_last_event_age_seconds{run="r",worker="2"}',
                  "values": "1 12 40"},
                 {"series": 'trainbus_ppo_grad_norm{run="r",worker="3",stage="pre"}',
-                 "values": "1x9 30x3"},
+                 "values": "1x9 30x4"},
                 {"series": 'trainbus_ppo_update{run="r",worker="3"}', "values": "0+1x13"},
                 {"series": 'trainbus_ppo_explained_variance{run="r",worker="5"}',
                  "values": "-0.1x30"},
@@ -246,9 +246,9 @@ def test_generated_rules_fire_when_the_engine_would(tmp_path):
                 {"eval_time": "20s", "alertname": "nonfinite", "exp_alerts": []},
                 {"eval_time": "20s", "alertname": "worker_silent", "exp_alerts": [
                     _expected(silent["warning"], "40", run="r", worker="2")]},
-                # 30x the median of the previous updates from 100 s; firing after 4.
-                {"eval_time": "120s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": []},
-                {"eval_time": "130s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": [
+                # 30x the median of the previous updates from 100 s; firing after 5.
+                {"eval_time": "130s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": []},
+                {"eval_time": "140s", "alertname": "pre_clip_grad_norm_spike", "exp_alerts": [
                     _expected(spike["warning"], "30", **pre),
                     _expected(spike["critical"], "30", **pre)]},
                 # Ignored before update 20 (t = 200 s), then 10 updates of patience.

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 from bus import protocol
 from consumers.alerting.rules import Rule
 from consumers.history import HISTORY_LEN
-from consumers.thresholds import Spike
+from consumers.thresholds import Spike, SpikeTracker
 
 Key = tuple[str, int | str, str]
 
@@ -195,8 +195,8 @@ class AlertEngine:
         self._paged: dict[Key, _Paged] = {}
         self._held: dict[Key, _Alert] = {}
         self._last_pending: dict[Key, float] = {}
-        # Spike rules: the values before the latest one (the 10-entry history minus it).
-        self._previous: dict[Key, deque[float]] = {}
+        # Spike rules: per key, the values before the latest one and their ratios.
+        self._trackers: dict[Key, SpikeTracker] = {}
         self._replaying = False
         self.counts: Counter[str] = Counter()
 
@@ -233,11 +233,10 @@ class AlertEngine:
                 continue
             value = float(value)
             key = (run, worker, rule.name)
-            previous = self._previous.get(key)
-            if previous is None:
-                previous = self._previous[key] = deque(maxlen=HISTORY_LEN - 1)
-            ratio = spike.ratio(previous, value)
-            previous.append(value)  # NaN too: it is history (Spike.ratio skips it)
+            tracker = self._trackers.get(key)
+            if tracker is None:
+                tracker = self._trackers[key] = SpikeTracker(spike, HISTORY_LEN)
+            ratio = tracker.observe(value)
             if ratio is None:
                 continue  # too little finite history, or a non-finite value: no evidence
             self._step(key, rule, rule.level_of(ratio), rule.past(ratio, clear),
@@ -505,7 +504,8 @@ class AlertEngine:
 
 def _spike(rule: Rule) -> Spike:
     """The shared spike definition for a spike rule (levels judged by the rule itself)."""
-    return Spike(rule.name, rule.metric, rule.warning, rule.critical, rule.min_history)
+    return Spike(rule.name, rule.metric, rule.warning, rule.critical, rule.min_history,
+                 sustain=rule.for_)
 
 
 def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None) -> str:
