@@ -48,7 +48,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from consumers.alerting.engine import Notification
-from consumers.alerting.sinks import DEFAULT_QUEUE_SIZE, MAX_BACKOFF_S, QueuedSink
+from consumers.alerting.sinks import DEFAULT_QUEUE_SIZE, QueuedSink, post_json
 
 log = logging.getLogger(__name__)
 
@@ -240,32 +240,9 @@ class AlertmanagerSink(QueuedSink):
         doubling backoff (capped at 8 s), other 4xx are not (Alertmanager rejected the
         payload; resending it would not help)."""
         data = json.dumps([a.body(self.clock(), self.ends_after) for a in alerts]).encode()
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            if attempt:
-                if self._abort.wait(delay):
-                    return False
-                delay = min(delay * 2, MAX_BACKOFF_S)
-            self.attempts += 1
-            request = urllib.request.Request(
-                self.url, data=data, method="POST",
-                headers={"Content-Type": "application/json", "User-Agent": "trainbus-alert"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    response.read(65536)
-                return True
-            except urllib.error.HTTPError as exc:
-                try:  # Alertmanager says why it refused a payload in the body
-                    detail = exc.read(300).decode(errors="replace").strip()
-                except OSError:
-                    detail = ""
-                retry = exc.code == 429 or exc.code >= 500
-                self._errors.warn("alertmanager %s: HTTP %d %s%s", self.url, exc.code, detail,
-                                  " (will retry)" if retry and attempt < self.retries else "")
-                if not retry:
-                    return False
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                self._errors.warn("alertmanager %s: %s%s", self.url, reason,
-                                  " (will retry)" if attempt < self.retries else "")
-        return False
+        ok, attempts = post_json(self.url, data, timeout=self.timeout, retries=self.retries,
+                                 backoff=self.backoff, abort=self._abort, warn=self._errors.warn,
+                                 label="alertmanager")
+        self.attempts += attempts
+        return ok
+

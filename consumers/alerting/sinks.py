@@ -27,6 +27,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -312,32 +313,49 @@ class WebhookSink(QueuedSink):
         return protocol.to_json(body).encode()
 
     def deliver(self, note: Notification) -> bool:
-        data = self.payload(note)
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
-            if attempt:
-                if self._abort.wait(delay):
-                    return False
-                delay = min(delay * 2, MAX_BACKOFF_S)
-            self.attempts += 1
-            request = urllib.request.Request(
-                self.url, data=data, method="POST",
-                headers={"Content-Type": "application/json", "User-Agent": "trainbus-alert"})
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    response.read(65536)
-                return True
-            except urllib.error.HTTPError as exc:
-                retry = exc.code == 429 or exc.code >= 500
-                log.warning("webhook %s: HTTP %d%s", self.url, exc.code,
-                            " (will retry)" if retry and attempt < self.retries else "")
-                if not retry:
-                    return False
-            except (urllib.error.URLError, TimeoutError, OSError) as exc:
-                reason = getattr(exc, "reason", exc)
-                log.warning("webhook %s: %s%s", self.url, reason,
-                            " (will retry)" if attempt < self.retries else "")
-        return False
+        ok, attempts = post_json(self.url, self.payload(note), timeout=self.timeout,
+                                 retries=self.retries, backoff=self.backoff, abort=self._abort,
+                                 warn=log.warning, label="webhook")
+        self.attempts += attempts
+        return ok
+
+
+def post_json(url: str, data: bytes, *, timeout: float, retries: int, backoff: float,
+              abort: threading.Event, warn: Callable[..., None],
+              label: str) -> tuple[bool, int]:
+    """POST ``data`` as JSON; (delivered, attempts made). Network errors, 429 and 5xx are
+    retried ``retries`` times with doubling backoff (capped at 8 s) — waits that ``abort``
+    cuts short at exit; other 4xx are not (the receiver refused this payload, resending it
+    would not help). Failures are reported through ``warn`` (the caller's rate limit)."""
+    delay = backoff
+    attempts = 0
+    for attempt in range(retries + 1):
+        if attempt:
+            if abort.wait(delay):
+                return False, attempts
+            delay = min(delay * 2, MAX_BACKOFF_S)
+        attempts += 1
+        request = urllib.request.Request(
+            url, data=data, method="POST",
+            headers={"Content-Type": "application/json", "User-Agent": "trainbus-alert"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read(65536)
+            return True, attempts
+        except urllib.error.HTTPError as exc:
+            try:  # receivers such as Alertmanager say why they refused a payload
+                detail = exc.read(300).decode(errors="replace").strip()
+            except OSError:
+                detail = ""
+            retry = exc.code == 429 or exc.code >= 500
+            warn("%s %s: HTTP %d %s%s", label, url, exc.code, detail,
+                 " (will retry)" if retry and attempt < retries else "")
+            if not retry:
+                return False, attempts
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            warn("%s %s: %s%s", label, url, reason, " (will retry)" if attempt < retries else "")
+    return False, attempts
 
 
 # ---------------------------------------------------------------------- fan-out
