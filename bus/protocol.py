@@ -77,6 +77,10 @@ PPO_UPDATE_OPTIONAL: dict[str, str] = {
     "ratio_max": "float",
     "advantage_mean": "float",
     "advantage_std": "float",
+    # The largest pre-clip norm among the update's optimizer steps: pre_clip_grad_norm is
+    # their mean, which hides one exploding minibatch among many calm ones. Optional and
+    # additive, so v1 consumers that predate it keep it as an unknown extra field.
+    "pre_clip_grad_norm_max": "float",
 }
 
 #: Per type: (required fields, optional fields). Types not listed here carry only the

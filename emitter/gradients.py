@@ -335,7 +335,11 @@ class UpdateStats:
         """Clip gradients (see :func:`clip_grad_norm_with_stats`) and record the norms.
 
         Records ``pre_clip_grad_norm`` and ``grad_norm`` (post-clip) as means over the
-        update's minibatches and ``nonfinite_grad_count`` as a sum. On CPU the host path
+        update's minibatches, ``pre_clip_grad_norm_max`` as their maximum pre-clip norm
+        (one spiking minibatch among many calm ones barely moves the mean; NaN wins, as
+        the news it is) and ``nonfinite_grad_count`` as a sum. The max shares the pre-clip
+        value already recorded, so it costs no extra norm pass and no host read (it is
+        reduced with the rest in :meth:`resolve`). On CPU the host path
         is used (its scalar reads are plain memory reads there, and knowing the coefficient
         lets it skip the multiply when nothing is clipped); elsewhere the sync-free
         :func:`clip_grad_norm_deferred`, so a minibatch never waits for the device.
@@ -347,14 +351,16 @@ class UpdateStats:
             deferred = first is not None and first.device.type != "cpu"
         if deferred:
             out = clip_grad_norm_deferred(params, max_norm)
-            self.add("pre_clip_grad_norm", out[0])
-            self.add("grad_norm", out[1])
-            self.add("nonfinite_grad_count", out[3], "sum")
-            return
-        stats = clip_grad_norm_with_stats(params, max_norm)
-        self.add("pre_clip_grad_norm", stats.pre_clip_norm)
-        self.add("grad_norm", stats.post_clip_norm)
-        self.add("nonfinite_grad_count", float(stats.nonfinite_count), "sum")
+            pre, post, count = out[0], out[1], out[3]
+        else:
+            stats = clip_grad_norm_with_stats(params, max_norm)
+            pre = torch.tensor(stats.pre_clip_norm, dtype=torch.float64)
+            post = stats.post_clip_norm
+            count = float(stats.nonfinite_count)
+        self.add("pre_clip_grad_norm", pre)
+        self.add("pre_clip_grad_norm_max", pre, "max")
+        self.add("grad_norm", post)
+        self.add("nonfinite_grad_count", count, "sum")
 
     def resolve(self) -> dict[str, float]:
         """Reduce everything and read it on the host in ONE transfer; then reset."""

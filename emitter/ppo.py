@@ -29,8 +29,9 @@ plain script, and why:
   which never blocks, so a missing, killed or restarting daemon costs training nothing.
 
 Reported per update (losses, KL, clip fraction, norms: means over all minibatches of all
-epochs, as Stable-Baselines3 logs them; ratio min/max over all of them; advantage
-mean/std over the rollout before per-minibatch normalisation; episode return/length over
+epochs, as Stable-Baselines3 logs them; ``pre_clip_grad_norm_max``, the largest pre-clip
+norm of any of them, since a mean hides one spiking minibatch; ratio min/max over all of
+them; advantage mean/std over the rollout before per-minibatch normalisation; episode return/length over
 episodes that *finished* during the rollout, ``None`` when none did — never a made-up 0).
 ``update`` counts from 1; ``env_steps`` is cumulative.
 
@@ -336,6 +337,7 @@ def train(cfg: PPOConfig, emitter: Any | None = None, *,
             "env_steps": env_steps,
             "grad_norm": s["grad_norm"],
             "pre_clip_grad_norm": s["pre_clip_grad_norm"],
+            "pre_clip_grad_norm_max": s["pre_clip_grad_norm_max"],
             "max_grad_norm": float(cfg.max_grad_norm),
             "policy_loss": s["policy_loss"],
             "value_loss": s["value_loss"],

@@ -45,6 +45,7 @@ def test_emitter_without_daemon_never_blocks_or_raises(tmp_path):
     ({"env_steps": -1}, ValueError, "env_steps"),
     ({"seq": 3}, ValueError, "seq"),
     ({"explained_variance": "high"}, TypeError, "explained_variance"),
+    ({"pre_clip_grad_norm_max": "big"}, TypeError, "pre_clip_grad_norm_max"),
 ])
 def test_emitter_rejects_bad_fields_on_the_callers_side(tmp_path, fields, error, name):
     with TelemetryEmitter("r", 0, f"ipc://{tmp_path}/x", heartbeat_interval=None) as emitter, \
@@ -399,6 +400,23 @@ def test_no_closing_heartbeat_when_heartbeats_are_off(capture):
         emitter.close()
     events = capture.events_until_all_closed()
     assert [e.type for e in events] == [protocol.PPO_UPDATE]
+
+
+def test_pre_clip_grad_norm_max_is_an_optional_float(capture):
+    """Sent as a float (an int or a 0-d tensor-like number converted), nil when not
+    measured, absent when not given; every one a valid v1 event."""
+    emitter = TelemetryEmitter("maxnorm", 0, capture.endpoint, heartbeat_interval=None)
+    try:
+        capture.wait_subscribed(emitter)
+        emitter.emit_ppo_update(**ppo_fields(0, pre_clip_grad_norm_max=7.5))
+        emitter.emit_ppo_update(**ppo_fields(1, pre_clip_grad_norm_max=3))
+        emitter.emit_ppo_update(**ppo_fields(2, pre_clip_grad_norm_max=None))
+        emitter.emit_ppo_update(**ppo_fields(3))
+    finally:
+        emitter.close()
+    sent = [e.fields for e in capture.events_until_all_closed()]
+    assert [f.get("pre_clip_grad_norm_max", "absent") for f in sent] == [7.5, 3.0, None, "absent"]
+    assert type(sent[1]["pre_clip_grad_norm_max"]) is float
 
 
 def _ready(daemon, **kwargs) -> Subscriber:

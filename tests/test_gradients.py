@@ -298,6 +298,7 @@ def test_update_stats_reads_the_host_once_per_update(monkeypatch):
     assert out["loss"] == pytest.approx(3.5)
     assert out["ratio_min"] == pytest.approx(0.93) and out["ratio_max"] == pytest.approx(1.07)
     assert out["grad_norm"] <= 0.5 + 1e-6
+    assert out["pre_clip_grad_norm_max"] >= out["pre_clip_grad_norm"]  # in the same one read
     assert out["nonfinite_grad_count"] == 0
     assert stats.resolve() == {}  # reset after resolving
 
@@ -316,3 +317,38 @@ def test_update_stats_propagates_nan_and_sums_counts():
 def test_clip_stats_is_a_plain_record():
     stats = ClipStats(2.0, 1.0, 0.5, 1.0, 0)
     assert stats.clipped and not stats.overflow_fallback
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
+def test_update_stats_max_is_the_largest_minibatch_pre_clip_norm(deferred):
+    """pre_clip_grad_norm_max is the max of the per-step pre-clip norms (each measured here
+    independently, in float64, before clipping), while pre_clip_grad_norm stays their mean:
+    one spiking minibatch among calm ones shows in the max and hardly in the mean."""
+    params = mlp_params(11)
+    stats = UpdateStats("cpu", deferred=deferred)
+    scales = [1.0, 0.5, 30.0, 2.0, 0.25]  # the third minibatch spikes
+    expected: list[float] = []
+    gen = torch.Generator().manual_seed(12)
+    for scale in scales:
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+        expected.append(reference_norm([p.grad for p in params]))
+        stats.clip(params, 0.5)
+    out = stats.resolve()
+    assert out["pre_clip_grad_norm_max"] == pytest.approx(max(expected), rel=1e-6)
+    assert out["pre_clip_grad_norm"] == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    assert out["pre_clip_grad_norm_max"] > 2 * out["pre_clip_grad_norm"]
+    assert out["grad_norm"] <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["host", "deferred"])
+def test_update_stats_max_is_nan_when_any_step_was(deferred):
+    params = mlp_params(13)
+    stats = UpdateStats("cpu", deferred=deferred)
+    stats.clip(params, 0.5)
+    params[1].grad.view(-1)[0] = float("nan")
+    stats.clip(params, 0.5)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    stats.clip(params, 0.5)
+    assert math.isnan(stats.resolve()["pre_clip_grad_norm_max"])

@@ -13,10 +13,12 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 torch = pytest.importorskip("torch")
 
 from bus import protocol  # noqa: E402
+from consumers.runtime import Subscriber  # noqa: E402
 from emitter import ppo  # noqa: E402
 from emitter.cartpole import THETA_THRESHOLD, X_THRESHOLD, CartPole  # noqa: E402
 from emitter.ppo import ActorCritic, PPOConfig, train  # noqa: E402
 from emitter.telemetry import TelemetryEmitter  # noqa: E402
+from tests.conftest import wait_for  # noqa: E402
 
 OPTIONAL = tuple(protocol.PPO_UPDATE_OPTIONAL)
 
@@ -129,6 +131,7 @@ def test_every_update_has_valid_fields():
             assert name in fields
         assert fields["grad_norm"] <= 0.5 + 1e-6  # default max_grad_norm
         assert fields["pre_clip_grad_norm"] >= fields["grad_norm"]
+        assert fields["pre_clip_grad_norm_max"] >= fields["pre_clip_grad_norm"]
         assert fields["ratio_min"] <= 1.0 <= fields["ratio_max"]
         assert fields["nonfinite_grad_count"] == 0
         assert fields["sps"] > 0 and fields["update_time_ms"] > 0
@@ -233,6 +236,27 @@ def test_worker_without_daemon_never_blocks_or_raises(tmp_path):
         assert emitter.sent + emitter.dropped == 3
     assert len(history) == 3
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.timeout(30)
+def test_worker_events_carry_the_updates_largest_pre_clip_norm(daemon):
+    """Over a real daemon: every update's event has pre_clip_grad_norm_max, the value the
+    worker measured, and it is at least the update's mean pre-clip norm."""
+    history: list[dict[str, Any]] = []
+    with Subscriber(daemon.subscribe, daemon.snapshot, types=["ppo_update"], run="maxnorm") as sub, \
+            TelemetryEmitter("maxnorm", 0, daemon.publish, heartbeat_interval=None) as emitter:
+        assert emitter.wait_for_bus(10)
+        wait_for(lambda: sub.poll(20) is not None and sub.connected, 10, message="connection")
+        train(PPOConfig(num_updates=3, num_envs=4, num_steps=64), emitter,
+              on_update=history.append)
+        got: list[protocol.Event] = []
+        wait_for(lambda: got.extend(sub.poll(50)) or len(got) >= 3, 10, message="3 updates")
+    assert [e.get("update") for e in got] == [1, 2, 3]
+    for event, fields in zip(got, history, strict=True):
+        value = event.get("pre_clip_grad_norm_max")
+        assert isinstance(value, float) and math.isfinite(value)
+        assert value == fields["pre_clip_grad_norm_max"]
+        assert value >= event.get("pre_clip_grad_norm") > 0
 
 
 def test_should_stop_ends_the_loop_between_updates():
