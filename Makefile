@@ -14,11 +14,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) -e '.[train,dev,prometheus]'
+	$(PIP) -e '.[train,dev,prometheus,sb3]'
 	touch $(STAMP)
 
 $(VENV)/.bench-installed: $(STAMP)
-	$(PIP) -e '.[train,dev,prometheus,bench]'
+	$(PIP) -e '.[train,dev,prometheus,sb3,bench]'
 	touch $@
 
 ## The main job on the embedded default: daemon + training workers + aggregator + alerting + monitor on loopback.
