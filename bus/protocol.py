@@ -92,8 +92,9 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
         # closing: true only on an emitter's last heartbeat (sent by close() after its last
         # ppo_update, on the same connection): the worker finished, it did not go silent.
         # Optional and additive, so v1 consumers that predate it simply ignore it.
+        # node: the launcher's node index (torchrun GROUP_RANK, Ray NODE_RANK), when set.
         {"pid": "int", "host": "str", "events_sent": "int", "events_dropped": "int",
-         "last_update": "int", "closing": "bool"},
+         "last_update": "int", "closing": "bool", "node": "int"},
     ),
     ALERT: (
         {"state": "str", "severity": "str", "rule": "str", "metric": "str", "since": "float"},

@@ -35,6 +35,7 @@ import msgpack
 import zmq
 
 from bus import endpoints, protocol, transport
+from emitter import identity
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,27 @@ class TelemetryEmitter:
 
     Create it inside the training process (after fork/spawn). Use as a context manager or
     call :meth:`close`; closing waits at most ``linger_ms`` for queued events.
+
+    ``run`` and ``worker`` may be left out: the worker id then comes from ``RANK`` (torchrun,
+    Ray Train), the run from ``TRAINBUS_RUN``, else torchrun's ``TORCHELASTIC_RUN_ID``, else
+    a generated name logged once; heartbeats carry ``node`` from ``GROUP_RANK``/``NODE_RANK``
+    (see :mod:`emitter.identity`). A run name outside ``[A-Za-z0-9._-]{1,64}`` (such as
+    ``ALE/Breakout-v5``) is sanitised with one :class:`emitter.identity.RunNameWarning`;
+    a worker id that is not a non-negative int is an error here, before training starts.
     """
 
-    def __init__(self, run: str, worker: int, publish: str | None = None, *,
+    def __init__(self, run: str | None = None, worker: int | None = None,
+                 publish: str | None = None, *,
                  curve_client: str | None = None,
                  heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL_S,
                  sndhwm: int = transport.PUBLISHER_SNDHWM,
                  linger_ms: int = transport.DEFAULT_LINGER_MS) -> None:
-        self.run = run
-        self.worker = worker
-        self._topic = protocol.make_topic(protocol.PPO_UPDATE, run, worker)  # validates both
+        who = identity.resolve_identity(run, worker, stacklevel=3)
+        self.run = who.run
+        self.worker = who.worker
+        self.node = who.node
+        self.identity = who
+        self._topic = protocol.make_topic(protocol.PPO_UPDATE, self.run, self.worker)
         self.endpoint = endpoints.resolve("publish", publish)
         self.curve_client = endpoints.resolve_curve_client(curve_client)
         self.session = uuid.uuid4().hex[:16]
@@ -253,13 +265,16 @@ class TelemetryEmitter:
     # ------------------------------------------------------------------ heartbeat
 
     def _heartbeat_payload(self, seq: int, interval: float, host: str) -> dict[str, Any]:
-        return {
+        payload = {
             "v": protocol.PROTOCOL_VERSION, "type": protocol.HEARTBEAT, "run": self.run,
             "worker": self.worker, "session": self.session, "seq": seq, "ts": time.time(),
             "interval_s": interval, "pid": os.getpid(), "host": host,
             "events_sent": self.sent, "events_dropped": self.dropped,
             "last_update": self.last_update,
         }
+        if self.node is not None:  # the launcher's node index (GROUP_RANK / NODE_RANK)
+            payload["node"] = self.node
+        return payload
 
     def _send_closing_heartbeat(self) -> None:
         """The session's last heartbeat, ``closing: true``, on the main socket (see the

@@ -17,6 +17,7 @@ import zmq
 
 from bus import protocol, transport
 from consumers.runtime import Subscriber
+from emitter.identity import RunNameWarning
 from emitter.telemetry import TelemetryEmitter
 from tests.conftest import ppo_fields, start_daemon, trainbus_cmd, wait_for
 
@@ -61,9 +62,13 @@ def test_emitter_names_a_missing_required_field(tmp_path):
         emitter.emit_ppo_update(**fields)
 
 
-def test_emitter_rejects_bad_run_and_worker(tmp_path):
-    with pytest.raises(protocol.ProtocolError):
-        TelemetryEmitter("bad run!", 0, f"ipc://{tmp_path}/x")
+def test_emitter_rejects_a_bad_worker_and_sanitises_a_bad_run(tmp_path):
+    # A run name is sanitised with one warning (never an exception that stops training);
+    # a bad worker id is a set-up error. Details: tests/test_identity.py.
+    with pytest.warns(RunNameWarning):
+        emitter = TelemetryEmitter("bad run!", 0, f"ipc://{tmp_path}/x", heartbeat_interval=None)
+    emitter.close()
+    assert emitter.run == "bad-run-"
     with pytest.raises(protocol.ProtocolError):
         TelemetryEmitter("r", -2, f"ipc://{tmp_path}/x")
 
