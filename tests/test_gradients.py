@@ -352,3 +352,31 @@ def test_update_stats_max_is_nan_when_any_step_was(deferred):
         p.grad = torch.ones_like(p)
     stats.clip(params, 0.5)
     assert math.isnan(stats.resolve()["pre_clip_grad_norm_max"])
+
+
+@pytest.mark.parametrize("reduce", ["mean", "min", "max", "sum"])
+def test_update_stats_floats_tensors_and_mixes_reduce_alike(reduce):
+    """Python floats (the CPU clip path, reduced on the host), tensors of any float dtype
+    and shape (1,) (stacked once per name), and a mix of both give one answer; NaN wins."""
+    values = [0.5, 2.25, -1.0, 8.0, 0.125]
+    expected = {"mean": sum(values) / 5, "min": -1.0, "max": 8.0, "sum": sum(values)}[reduce]
+    stats = UpdateStats()
+    for i, v in enumerate(values):
+        stats.add("floats", v, reduce)
+        stats.add("float32", torch.tensor(v), reduce)
+        stats.add("shaped", torch.tensor([v], dtype=torch.float64), reduce)
+        stats.add("mixed", v if i % 2 else torch.tensor(v, dtype=torch.float16), reduce)
+        stats.add("nan", float("nan") if i == 3 else v, reduce)
+    out = stats.resolve()
+    assert list(out) == ["floats", "float32", "shaped", "mixed", "nan"]  # recording order
+    for name in ("floats", "float32", "shaped", "mixed"):
+        assert out[name] == pytest.approx(expected, rel=1e-12), name
+    assert math.isnan(out["nan"])
+
+
+def test_update_stats_refuses_a_many_element_tensor_at_once():
+    stats = UpdateStats()
+    with pytest.raises(RuntimeError):
+        stats.add("loss", torch.ones(3))
+    with pytest.raises(ValueError, match="reduction"):
+        stats.add("loss", 1.0, "median")
