@@ -25,6 +25,7 @@ GROUPS = {
     "latency": "bench.latency",
     "gradients": "bench.gradients",
     "training": "bench.training",
+    "cleanrl": "bench.cleanrl",
     "monitor": "bench.monitor",
 }
 
