@@ -26,6 +26,7 @@ GROUPS = {
     "gradients": "bench.gradients",
     "training": "bench.training",
     "cleanrl": "bench.cleanrl",
+    "sb3": "bench.sb3",
     "monitor": "bench.monitor",
 }
 
