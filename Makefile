@@ -4,7 +4,9 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
-PIP     := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# -qq: errors only. -q still let setuptools' "BuildBackendWarning: Editable installation"
+# banner (a note about flat layouts, nothing to act on) through on every fresh install.
+PIP     := $(BIN)/python -m pip install --disable-pip-version-check -qq -c constraints.txt
 WORKERS ?= 2
 
 .PHONY: install demo test test-slow bench lint learn clean
