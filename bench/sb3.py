@@ -61,7 +61,7 @@ def run(quick: bool = False) -> list[Row]:
                             "'trainbus[sb3]'")]
     from emitter.telemetry import TelemetryEmitter
 
-    pairs = 3 if quick else 12
+    pairs = 3 if quick else 16
     threads_before = torch.get_num_threads()
     torch.set_num_threads(1)
     on_times: list[float] = []  # CPU seconds per chunk

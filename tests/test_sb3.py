@@ -410,7 +410,7 @@ def test_sb3_contrib_ppo_variants(name, clip_returns):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_no_host_sync_per_minibatch_and_exact_norms(clip_returns):
+def test_cuda_probe_adds_no_host_sync_per_minibatch():
     # The probe's per-minibatch work must not synchronise with the device (SB3's own
     # .item() calls do, so the probe is checked on its own loop, under torch's sync debugger).
     net = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2)).cuda()
@@ -429,14 +429,19 @@ def test_cuda_no_host_sync_per_minibatch_and_exact_norms(clip_returns):
                 net(x).square().sum().backward()
                 returned.append(torch.nn.utils.clip_grad_norm_(params, 0.5))
                 opt.step()
+            with pytest.raises(RuntimeError, match="synchroniz"):  # the debugger is watching
+                probe.steps[0].tolist()
         finally:
             torch.cuda.set_sync_debug_mode("default")
         steps = probe.take()
     finally:
         probe.remove()
-    *_, every = _reduce_norms(steps, 0.5)
+    *_, every = _reduce_norms(steps, 0.5)  # the one host read, after the minibatches
     assert every == [float(r) for r in returned]
 
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_ppo_norms_match_clip_grad_norm(clip_returns):
     model = PPO("MlpPolicy", "CartPole-v1", n_steps=N_STEPS, batch_size=BATCH, n_epochs=EPOCHS,
                 seed=0, device="cuda")
     with quiet_callback() as cb:
