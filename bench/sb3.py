@@ -111,5 +111,6 @@ def run(quick: bool = False) -> list[Row]:
              f"{median(off_times) * 1e3:.0f} ms (per-pair ratios {ratios[0]:.3f}.."
              f"{ratios[-1]:.3f}); wall-clock ratio {wall_ratio:.3f}x "
              f"({median(on_wall) * 1e3:.0f} vs {median(off_wall) * 1e3:.0f} ms); "
+             f"median per-pair ratio {median(ratios):.3f}x; "
              f"{'same' if same else 'DIFFERENT'} num_timesteps; subscriber received "
              f"{seen['received']} of {sent} events")]
