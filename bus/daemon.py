@@ -218,6 +218,8 @@ class Daemon:
         self.xsub.send(b"\x01")
         self.xpub = self._bind(zmq.XPUB, subscribe, curve_dir, sndhwm=XPUB_SNDHWM)
         self.router = self._bind(zmq.ROUTER, snapshot, curve_dir, sndhwm=SNAPSHOT_SNDHWM)
+        # A reply the ROUTER cannot queue raises (see _send_reply) instead of vanishing.
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.endpoints = {
             "publish": self.xsub.getsockopt_string(zmq.LAST_ENDPOINT),
             "subscribe": self.xpub.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -381,10 +383,28 @@ class Daemon:
             self.snapshots_served += 1
 
     def _send_reply(self, identity: list[bytes], reply: list[bytes]) -> None:
+        """Queue a reply without blocking; count it when it cannot be (client gone, or more
+        than SNAPSHOT_SNDHWM replies left unread).
+
+        A NOBLOCK send is also refused as "full" while libzmq has not yet processed the
+        client's acknowledgements of replies it already read (a send processes pending
+        commands at most every ~1 ms): a client that asks in quick succession on one
+        connection then lost a reply now and then, and a REQ client would wait for ever.
+        Reading ZMQ_EVENTS processes them; then one more try tells the two cases apart."""
+        frames = identity + reply
         try:
-            self.router.send_multipart(identity + reply, zmq.NOBLOCK)
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            self.router.getsockopt(zmq.EVENTS)
+            try:
+                self.router.send_multipart(frames, zmq.NOBLOCK)
+                return
+            except zmq.ZMQError:
+                pass
         except zmq.ZMQError:
-            self.rejected["snapshot_reply_failed"] += 1
+            pass
+        self.rejected["snapshot_reply_failed"] += 1
 
     def _publish_stats(self, rate: float) -> None:
         payload = {

@@ -192,10 +192,28 @@ def test_tail_json_renders_nan_for_jq(procs, daemon):
     assert all(isinstance(g, float) and math.isfinite(g) for g in grads[:20])
 
 
+def _cached_updates(snapshot: str, prefix: bytes) -> list[int]:
+    """The ``update`` of every event the daemon caches under ``prefix``, oldest first."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(snapshot)
+        sock.send_multipart([b"SNAPSHOT", prefix])
+        assert sock.poll(10_000), "no snapshot reply"
+        reply = sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
+    return [protocol.decode(reply[i:i + 2]).get("update") for i in range(2, len(reply), 2)]
+
+
 def test_tail_history_prints_cached_events_first(procs, daemon):
     publisher = procs.start(trainbus_cmd("publish", "--run", "hist", "--rate", "400", "--count", "30"),
                             env=daemon.env)
     assert publisher.wait(timeout=30) == 0
+    # The publisher's exit does not order its last events (on the publish port) before the
+    # tail's snapshot request (on the snapshot port): wait until the daemon holds them.
+    wait_for(lambda: _cached_updates(daemon.snapshot, b"ppo_update/hist/")[-1:] == [29], 10,
+             message="the daemon to cache update 29")
     tail = procs.start(trainbus_cmd("tail", "--history", "--json", "--count", "10",
                                     "--timeout", "20"), env=daemon.env)
     assert tail.wait(timeout=30) == 0, tail.stderr.text()

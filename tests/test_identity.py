@@ -226,8 +226,10 @@ TORCHRUN_SCRIPT = textwrap.dedent("""
         assert emitter.wait_for_bus(20), "daemon not reachable"
         for update in (1, 2):
             emitter.emit_ppo_update(update=update, **fields)
-        print(f"rank={os.environ['RANK']} worker={emitter.worker} run={emitter.run} "
-              f"run_id={os.environ['TORCHELASTIC_RUN_ID']}", flush=True)
+        # One write() per line: both ranks share torchrun's stdout pipe, and print() writes
+        # the text and its newline separately (seen: two lines run together into one).
+        os.write(1, (f"rank={os.environ['RANK']} worker={emitter.worker} run={emitter.run} "
+                     f"run_id={os.environ['TORCHELASTIC_RUN_ID']}\\n").encode())
         dist.barrier()  # both ranks have emitted before either closes
     dist.destroy_process_group()
 """)

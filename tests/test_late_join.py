@@ -9,6 +9,7 @@ one clock and one GIL and hide the races this merge exists to handle.
 from __future__ import annotations
 
 import json
+import random
 import time
 from collections import defaultdict
 
@@ -226,3 +227,24 @@ def test_subscriber_never_misses_its_first_handshake(daemon, monkeypatch) -> Non
     with Subscriber(daemon.subscribe, daemon.snapshot, types=["bus_stats"]) as sub:
         poll_until(sub, lambda g: len(g) >= 2, 5, "bus_stats through a slow-starting Subscriber")
         assert sub.connected
+
+
+
+def test_snapshot_client_asking_on_one_connection_gets_every_reply(daemon) -> None:
+    """Regression: a client that reads every reply but asks again at once on the same
+    connection (an outside tool polling the snapshot port) lost a reply now and then:
+    ZeroMQ refused the daemon's NOBLOCK send as "queue full" while the client's
+    acknowledgements of earlier replies were still unprocessed (a REQ client would then
+    wait for ever)."""
+    rng = random.Random(3)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(daemon.snapshot)
+        for i in range(3000):
+            sock.send_multipart([rng.randbytes(rng.randrange(0, 30))
+                                 for _ in range(rng.randrange(1, 6))])
+            assert sock.poll(5000), f"no reply to request {i}"
+            sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
