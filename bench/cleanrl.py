@@ -24,15 +24,11 @@ import random
 import time
 from typing import Any
 
-from bench.agents import subscriber_main
 from bench.common import (
     Row,
-    agents,
+    emitter_into_daemon,
     median,
     ratio_row,
-    running_daemon,
-    start_agent,
-    sync_subscribers,
     unavailable,
 )
 
@@ -148,12 +144,11 @@ def _loop(emitter: Any, modes: list[bool]) -> tuple[list[tuple[bool, float, floa
 def run(quick: bool = False) -> list[Row]:
     try:
         import gymnasium  # noqa: F401
-        import torch
+        import torch  # noqa: F401  (the set-up needs it: unavailable row otherwise)
     except ImportError as exc:
         return [unavailable(NAME, "steps/s", f">= {TARGET}x",
                             f"gymnasium/torch not installed ({exc}); pip install "
                             "'trainbus[train,sb3]'")]
-    from emitter.telemetry import TelemetryEmitter
 
     pairs = 6 if quick else 30
     rng = random.Random(7)
@@ -162,23 +157,9 @@ def run(quick: bool = False) -> list[Row]:
         pair = [True, False]
         rng.shuffle(pair)
         modes += pair
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with running_daemon() as daemon, agents() as started:
-            drain = start_agent(subscriber_main, {"endpoint": daemon.subscribe, "idle_s": 1e9,
-                                                  "prefixes": [f"ppo_update/{RUN}/".encode()]})
-            started.append(drain)
-            drain.expect("ready")
-            sync_subscribers(daemon.publish, [drain])
-            with TelemetryEmitter(RUN, 0, daemon.publish) as emitter:
-                emitter.wait_for_bus(10.0)
-                timings, _steps = _loop(emitter, modes)
-                sent = emitter.sent
-            drain.send("drain")
-            seen = drain.expect("done", 30.0)
-    finally:
-        torch.set_num_threads(threads_before)
+    with emitter_into_daemon(RUN) as sink:
+        timings, _steps = _loop(sink.emitter, modes)
+    sent, seen = sink.sent, sink.seen
 
     measured = timings[2:]
     on_cpu = [c for on, c, _ in measured if on]

@@ -382,3 +382,46 @@ def sync_subscribers(publish_endpoint: str, subscribers: list[Agent], timeout: f
                     pending.remove(agent)
     finally:
         sock.close(linger=0)
+
+
+@dataclass
+class DrainedEmitter:
+    """What :func:`emitter_into_daemon` yields: the emitter while the block runs, then (after
+    it) what the draining subscriber saw (``seen["received"]``) and how many were sent."""
+
+    emitter: Any = None
+    sent: int = 0
+    seen: dict[str, Any] | None = None
+
+
+@contextmanager
+def emitter_into_daemon(run: str) -> Iterator[DrainedEmitter]:
+    """A TelemetryEmitter publishing into a real daemon that a subscriber process drains,
+    with torch on one thread — the set-up of every "training with telemetry on vs off" row,
+    so each measures the same path (a real socket, a real consumer) and none forgets to
+    restore torch's thread count."""
+    import torch
+
+    from bench.agents import subscriber_main
+    from emitter.telemetry import TelemetryEmitter
+
+    result = DrainedEmitter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with running_daemon() as daemon, agents() as started:
+            drain = start_agent(subscriber_main, {
+                "endpoint": daemon.subscribe, "idle_s": 1e9,
+                "prefixes": [f"ppo_update/{run}/".encode()]})
+            started.append(drain)
+            drain.expect("ready")
+            sync_subscribers(daemon.publish, [drain])
+            with TelemetryEmitter(run, 0, daemon.publish) as emitter:
+                emitter.wait_for_bus(10.0)
+                result.emitter = emitter
+                yield result
+                result.sent = emitter.sent
+            drain.send("drain")
+            result.seen = drain.expect("done", 30.0)
+    finally:
+        torch.set_num_threads(threads_before)

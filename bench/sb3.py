@@ -28,15 +28,11 @@ import random
 import time
 from typing import Any
 
-from bench.agents import subscriber_main
 from bench.common import (
     Row,
-    agents,
+    emitter_into_daemon,
     median,
     ratio_row,
-    running_daemon,
-    start_agent,
-    sync_subscribers,
     unavailable,
 )
 
@@ -57,52 +53,37 @@ def _make(seed: int) -> Any:
 
 def run(quick: bool = False) -> list[Row]:
     try:
-        import torch
+        import torch  # noqa: F401  (the set-up needs it: unavailable row otherwise)
 
         from emitter.integrations.sb3 import TrainbusCallback
     except ImportError as exc:
         return [unavailable(NAME, "x", f">= {TARGET}x",
                             f"stable-baselines3 is not installed ({exc}); pip install "
                             "'trainbus[sb3]'")]
-    from emitter.telemetry import TelemetryEmitter
 
     pairs = 3 if quick else 16
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
     on_times: list[float] = []  # CPU seconds per chunk
     off_times: list[float] = []
     on_wall: list[float] = []
     off_wall: list[float] = []
-    try:
-        with running_daemon() as daemon, agents() as started:
-            drain = start_agent(subscriber_main, {"endpoint": daemon.subscribe, "idle_s": 1e9,
-                                                  "prefixes": [f"ppo_update/{RUN}/".encode()]})
-            started.append(drain)
-            drain.expect("ready")
-            sync_subscribers(daemon.publish, [drain])
-            with TelemetryEmitter(RUN, 0, daemon.publish) as emitter:
-                emitter.wait_for_bus(10.0)
-                callback = TrainbusCallback(emitter=emitter)
-                models = {True: _make(1), False: _make(1)}
-                rng = random.Random(7)
-                for pair in range(pairs + 1):  # pair 0 is warm-up
-                    order = [True, False]
-                    rng.shuffle(order)
-                    for on in order:
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        models[on].learn(N_STEPS, callback=callback if on else None,
-                                         reset_num_timesteps=False)
-                        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-                        if pair:
-                            (on_times if on else off_times).append(cpu)
-                            (on_wall if on else off_wall).append(wall)
-                callback.close()
-                sent = emitter.sent
-                same = models[True].num_timesteps == models[False].num_timesteps
-            drain.send("drain")
-            seen = drain.expect("done", 30.0)
-    finally:
-        torch.set_num_threads(threads_before)
+    with emitter_into_daemon(RUN) as sink:
+        callback = TrainbusCallback(emitter=sink.emitter)
+        models = {True: _make(1), False: _make(1)}
+        rng = random.Random(7)
+        for pair in range(pairs + 1):  # pair 0 is warm-up
+            order = [True, False]
+            rng.shuffle(order)
+            for on in order:
+                c0, t0 = time.process_time(), time.perf_counter()
+                models[on].learn(N_STEPS, callback=callback if on else None,
+                                 reset_num_timesteps=False)
+                cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+                if pair:
+                    (on_times if on else off_times).append(cpu)
+                    (on_wall if on else off_wall).append(wall)
+        callback.close()
+        same = models[True].num_timesteps == models[False].num_timesteps
+    sent, seen = sink.sent, sink.seen
 
     ratios = sorted(off / on for on, off in zip(on_times, off_times, strict=True))
     wall_ratios = [off / on for on, off in zip(on_wall, off_wall, strict=True)]

@@ -23,15 +23,11 @@ import time
 from collections import deque
 from typing import Any
 
-from bench.agents import subscriber_main
 from bench.common import (
     Row,
-    agents,
+    emitter_into_daemon,
     median,
     ratio_row,
-    running_daemon,
-    start_agent,
-    sync_subscribers,
     unavailable,
 )
 
@@ -99,34 +95,20 @@ def _learn(cfg_cls: Any, train: Any, emitter: Any) -> dict[str, Any]:
 
 def run(quick: bool = False, learn: bool = True) -> list[Row]:
     try:
-        import torch
+        import torch  # noqa: F401  (the set-up needs it: unavailable row otherwise)
 
         from emitter.ppo import PPOConfig, train
     except ImportError as exc:
         why = f"emitter.ppo is not importable ({exc})"
         return [unavailable("training steps/s, telemetry on vs off", "steps/s", ">= 0.99x", why),
                 unavailable("updates to mean return 195", "updates", f"<= {LEARN_BUDGET}", why)]
-    from emitter.telemetry import TelemetryEmitter
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
     updates = 12 if quick else 80
     rows: list[Row] = []
-    try:
-        with running_daemon() as daemon, agents() as started:
-            drain = start_agent(subscriber_main, {"endpoint": daemon.subscribe, "idle_s": 1e9,
-                                                  "prefixes": [f"ppo_update/{RUN}/".encode()]})
-            started.append(drain)
-            drain.expect("ready")
-            sync_subscribers(daemon.publish, [drain])
-            with TelemetryEmitter(RUN, 0, daemon.publish) as emitter:
-                emitter.wait_for_bus(10.0)
-                ov = _overhead(PPOConfig, train, emitter, updates)
-                learned = _learn(PPOConfig, train, emitter) if learn else None
-            drain.send("drain")
-            seen = drain.expect("done", 30.0)
-    finally:
-        torch.set_num_threads(threads_before)
+    with emitter_into_daemon(RUN) as sink:
+        ov = _overhead(PPOConfig, train, sink.emitter, updates)
+        learned = _learn(PPOConfig, train, sink.emitter) if learn else None
+    seen = sink.seen
 
     on_sps = ov["batch"] / median(ov["on"])
     off_sps = ov["batch"] / median(ov["off"])
@@ -136,7 +118,7 @@ def run(quick: bool = False, learn: bool = True) -> list[Row]:
         note=f"reference PPO worker, 1 thread; {len(ov['on'])} on / {len(ov['off'])} off "
              f"update intervals interleaved in one run (median "
              f"{median(ov['on']) * 1e3:.1f} vs {median(ov['off']) * 1e3:.1f} ms); "
-             f"subscriber received {seen['received']} of {emitter.sent} events sent"))
+             f"subscriber received {seen['received']} of {sink.sent} events sent"))
     if learned is None:
         rows.append(Row("updates to mean return 195", None, "updates", "", None, None,
                         f"<= {LEARN_BUDGET}", None, note="skipped (--no-learn)"))
