@@ -114,6 +114,48 @@ class StreamState:
         return (time.monotonic() if now is None else now) - self.last_received
 
 
+class StreamBook:
+    """Per-stream accounting of accepted events: duplicates and sequence gaps per (session,
+    type), restarts, finished, own-clock age. Kept apart from the socket so that anything
+    fed events with a clock of its own (the alert engine replaying a recording) keeps the
+    same books as a live Subscriber."""
+
+    def __init__(self) -> None:
+        self.streams: dict[tuple[str, int | str], StreamState] = {}
+        self._last_seq: dict[tuple[str, str], int] = {}
+
+    def record(self, event: protocol.Event, now: float) -> int | None:
+        """Account one event received at ``now``: None for a duplicate (already seen by
+        seq), else the number of events of its (session, type) lost just before it."""
+        key = (event.session, event.type)
+        last = self._last_seq.get(key)
+        if last is not None and event.seq <= last:
+            return None
+        self._last_seq[key] = event.seq
+        stream_key = (event.run, event.worker)
+        stream = self.streams.get(stream_key)
+        if stream is None:
+            stream = self.streams[stream_key] = StreamState(event.run, event.worker)
+        gap = event.seq - last - 1 if last is not None and event.seq > last + 1 else 0
+        if event.type in PRODUCER_TYPES:
+            stream.dropped += gap
+            if stream.session != event.session and last is None:
+                if stream.session is not None:
+                    stream.restarts += 1
+                    log.info("%s/%s restarted (new session %s)", event.run, event.worker, event.session)
+                stream.session = event.session
+                stream.sessions_seen += 1
+            if event.session == stream.session:
+                stream.finished = is_closing_heartbeat(event)
+            stream.last_received = now
+            if stream.last_ts is None or event.ts >= stream.last_ts:
+                stream.last_ts = event.ts
+            if event.type == protocol.PPO_UPDATE:
+                stream.updates_received += 1
+                stream.last_update = event.fields.get("update")
+        return gap
+
+
 @dataclass
 class SubscriberStats:
     received: int = 0
@@ -150,10 +192,10 @@ class Subscriber:
         self.worker = worker
         self.max_bytes = max_bytes
         self.stats = SubscriberStats()
-        self.streams: dict[tuple[str, int | str], StreamState] = {}
+        self.book = StreamBook()
+        self.streams = self.book.streams
         self.connected = False
         self.ever_connected = False
-        self._last_seq: dict[tuple[str, str], int] = {}
         self._prefixes = protocol.subscription_prefixes(self.types, run, worker)
         self._ctx = transport.context()
         self._sock = transport.subscriber(self.subscribe_endpoint, self._prefixes,
@@ -286,36 +328,12 @@ class Subscriber:
         if (self.types is not None or self.run is not None or self.worker is not None) and \
                 not protocol.matches(event, self.types, self.run, self.worker):
             return None
-        key = (event.session, event.type)
-        last = self._last_seq.get(key)
-        if last is not None and event.seq <= last:
+        gap = self.book.record(event, time.monotonic())
+        if gap is None:
             self.stats.duplicates += 1
             return None
-        self._last_seq[key] = event.seq
-        stream_key = (event.run, event.worker)
-        stream = self.streams.get(stream_key)
-        if stream is None:
-            stream = self.streams[stream_key] = StreamState(event.run, event.worker)
-        if last is not None and event.seq > last + 1:
-            gap = event.seq - last - 1
+        if gap:
             self.stats.dropped_by_type[event.type] += gap
-            if event.type in PRODUCER_TYPES:
-                stream.dropped += gap
-        if event.type in PRODUCER_TYPES:
-            if stream.session != event.session and last is None:
-                if stream.session is not None:
-                    stream.restarts += 1
-                    log.info("%s/%s restarted (new session %s)", event.run, event.worker, event.session)
-                stream.session = event.session
-                stream.sessions_seen += 1
-            if event.session == stream.session:
-                stream.finished = is_closing_heartbeat(event)
-            stream.last_received = time.monotonic()
-            if stream.last_ts is None or event.ts >= stream.last_ts:
-                stream.last_ts = event.ts
-            if event.type == protocol.PPO_UPDATE:
-                stream.updates_received += 1
-                stream.last_update = event.fields.get("update")
         self.stats.accepted += 1
         if from_snapshot:
             self.stats.snapshot_events += 1

@@ -15,27 +15,16 @@ a step backwards is clamped to the last value so durations never go negative).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 from bus import protocol
 from bus.recording import iter_recording
 from consumers.alerting.engine import AlertEngine, Notification
 from consumers.alerting.rules import Rule
+from consumers.runtime import StreamBook
 
 #: The live process ticks at least this often (consumers.alerting.process.TICK_INTERVAL_S).
 TICK_INTERVAL_S = 0.25
-
-
-@dataclass(slots=True)
-class _Stream:
-    """The few per-stream facts the engine's tick reads (see engine.StreamLike)."""
-
-    last_received: float = 0.0
-    dropped: int = 0
-    finished: bool = False
-    session: str = ""
-    last_seq: int = -1
 
 
 def recorded_events(path: str | Path) -> Iterator[tuple[float, protocol.Event]]:
@@ -60,26 +49,16 @@ def judge(events: Iterable[tuple[float, protocol.Event]], rules: Mapping[str, Ru
     if settle_s is None:
         settle_s = max((r.group_interval for r in engine.rules.values()), default=0.0)
         settle_s += TICK_INTERVAL_S
-    streams: dict[tuple[str, int | str], _Stream] = {}
+    book = StreamBook()  # the live Subscriber's accounting, on the recording's clock
     out: list[Notification] = []
     now = next_tick = None
     for recv_time, event in events:
         now = recv_time if now is None else max(now, recv_time)
-        if event.type in (protocol.PPO_UPDATE, protocol.HEARTBEAT):
-            stream = streams.setdefault((event.run, event.worker), _Stream())
-            stream.last_received = now
-            if event.session != stream.session:
-                stream.session, stream.last_seq, stream.finished = event.session, -1, False
-            if event.type == protocol.PPO_UPDATE:
-                if stream.last_seq >= 0 and event.seq > stream.last_seq + 1:
-                    stream.dropped += event.seq - stream.last_seq - 1
-                stream.last_seq = max(stream.last_seq, event.seq)
-                stream.finished = False
-            elif event.get("closing") is True:
-                stream.finished = True
+        if book.record(event, now) is None:
+            continue  # a duplicate, dropped as the live path drops it
         out += engine.observe(event, now, wall=recv_time)
         if next_tick is None or now >= next_tick:
-            out += engine.tick(now, wall=recv_time, streams=streams)
+            out += engine.tick(now, wall=recv_time, streams=book.streams)
             next_tick = now + TICK_INTERVAL_S
     if now is not None:
         end = now + settle_s
