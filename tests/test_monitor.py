@@ -508,9 +508,12 @@ def test_closed_emitter_shows_as_done_live_and_to_a_late_joiner(procs, daemon):
                 state.ingest_many(sub.poll(20), now)
                 state.sync_from(sub, now)
                 row = state.rows.get(("fin", 0))
-                return row is not None and state.row_status(row, now) == DONE
+                # Two emitters, two connections: worker 1's updates may still be on the way.
+                other = state.rows.get(("fin", 1))
+                return row is not None and state.row_status(row, now) == DONE and \
+                    other is not None and other.updates == 3
 
-            wait_for(shows_done, 10, message="worker 0 shown as done")
+            wait_for(shows_done, 10, message="worker 0 shown as done, worker 1's updates in")
             now = time.monotonic()
             assert state.row_status(state.rows[("fin", 1)], now) == OK
             assert state.banner(now).counts["done"] == 1
