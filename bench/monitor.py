@@ -214,7 +214,7 @@ def _judge(step: dict[str, Any], samples: list[tuple[float, float, int, float, i
 def _memory(n_events: int, warmup: int) -> dict[str, float]:
     """RSS growth of MonitorState fed ``n_events`` (+ a rendered frame now and then)."""
     from bus import protocol
-    from consumers.monitor import MonitorState
+    from consumers.monitor_state import MonitorState
     from consumers.monitor_view import render_text
 
     state = MonitorState()
@@ -247,7 +247,7 @@ def _memory(n_events: int, warmup: int) -> dict[str, float]:
                                   (b"", b"")), clock())
             if i % RENDER_EVERY == RENDER_EVERY - 1:
                 now = clock()
-                state.sync({}, now, connected=True, ever_connected=True)
+                state.sync(now, connected=True, ever_connected=True)
                 render_text(state, now, width=160)
 
     feed(0, warmup)

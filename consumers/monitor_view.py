@@ -1,4 +1,4 @@
-"""Rich renderables that draw a :class:`consumers.monitor.MonitorState`.
+"""Rich renderables that draw a :class:`consumers.monitor_state.MonitorState`.
 
 Nothing here keeps state between frames: a frame is built from the state at draw time
 (≤ 10 Hz), so its cost depends on the number of rows, never on the event rate.
@@ -36,8 +36,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from consumers.history import sparkline_cells, trend
-from consumers.monitor import (
+from consumers.fleet import (
     CRITICAL,
     DONE,
     NAN,
@@ -46,9 +45,10 @@ from consumers.monitor import (
     STATUS_RANK,
     WAITING,
     WARNING,
-    MonitorState,
-    Row,
+    Worker,
 )
+from consumers.history import sparkline_cells, trend
+from consumers.monitor_state import MonitorState
 
 HEALTH_STYLE = {"ok": "green", "warning": "yellow", "critical": "bold red", "unknown": "dim"}
 NONFINITE_STYLE = "bold red"
@@ -123,7 +123,7 @@ def fmt_ratio(ratio: float) -> str:
     return f"{mantissa}e{int(exponent)}x"
 
 
-def row_value_style(state: MonitorState, row: Row, metric: str) -> str:
+def row_value_style(state: MonitorState, row: Worker, metric: str) -> str:
     """Colour of a row's latest value of ``metric`` (see the module docstring): threshold
     health, else spike severity (plain while there is too little history), else none."""
     value = row.history.latest(metric)
@@ -152,14 +152,14 @@ def metric_text(state: MonitorState, metric: str, value: float | None, digits: i
     return Text(text, style=HEALTH_STYLE[state.metric_health(metric, value)])
 
 
-def row_metric_text(state: MonitorState, row: Row, metric: str, digits: int = 3) -> Text:
+def row_metric_text(state: MonitorState, row: Worker, metric: str, digits: int = 3) -> Text:
     """A row's latest value of ``metric`` in its :func:`row_value_style` colour."""
     value = row.history.latest(metric)
     return Text(fmt(value, digits, small_exp=metric in ("grad_norm", "pre_clip_grad_norm")),
                 style=row_value_style(state, row, metric))
 
 
-def spark_text(state: MonitorState, row: Row, metric: str = "grad_norm") -> Text:
+def spark_text(state: MonitorState, row: Worker, metric: str = "grad_norm") -> Text:
     """10-cell sparkline plus trend arrow: colour = health of the latest value (threshold
     or spike, as :func:`row_value_style`), arrow = direction, non-finite cells red."""
     values = row.history.values(metric)
@@ -235,7 +235,7 @@ def tier_for(width: int) -> int:
     return 0
 
 
-def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[str, Text]:
+def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> dict[str, Text]:
     status, culprit = state.row_verdict(row, now)
     status_label = STATUS_LABEL[status]
     spike = state.spike_named(culprit) if culprit is not None else None
@@ -280,7 +280,7 @@ def _worker_cells(state: MonitorState, row: Row, now: float, tier: int) -> dict[
 
 
 def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
-    source, summary = state.fleet(run, now)
+    source, summary = state.fleet_row(run, now)
     metrics: dict[str, Any] = summary.get("metrics") or {}
 
     def mean(metric: str, digits: int) -> Text:
@@ -319,7 +319,7 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
     }
 
 
-def _visible_rows(state: MonitorState, now: float, budget: int | None) -> tuple[list[Row], int]:
+def _visible_rows(state: MonitorState, now: float, budget: int | None) -> tuple[list[Worker], int]:
     """Rows to draw: all if they fit, else the worst ``budget`` (the ones an operator must
     see), drawn in (run, worker) order; plus how many were left out."""
     rows = state.sorted_rows()
@@ -395,7 +395,7 @@ class MonitorView:
         grid.add_row(left, right if width >= 100 else Text(""))
         return grid
 
-    def _table(self, rows: list[Row], runs: list[str], tier: int) -> Table:
+    def _table(self, rows: list[Worker], runs: list[str], tier: int) -> Table:
         columns = [c for c in COLUMNS if c.tier <= tier]
         # SIMPLE_HEAD draws its column dividers as a space: with one space of right padding
         # that makes the two-space gap table_width() counts.
@@ -408,7 +408,7 @@ class MonitorView:
                              min_width=None if worker else width,
                              max_width=width if worker else None,
                              no_wrap=True, overflow="ellipsis")
-        by_run: dict[str, list[Row]] = {run: [] for run in runs}
+        by_run: dict[str, list[Worker]] = {run: [] for run in runs}
         for row in rows:
             by_run.setdefault(row.run, []).append(row)
         for run in runs:

@@ -31,8 +31,12 @@ Series (labels ``run`` and ``worker`` unless noted):
   ``trainbus_alert_notifications_total{run,rule,severity,state}`` (one per alert/ event,
   reminders included).
 * ``trainbus_last_event_age_seconds`` (seconds since this exporter last heard from the
-  worker, on its own clock: use it for "worker silent" alerts) and
+  worker, on its own clock: use it for "worker silent" alerts; not exported for a worker
+  that finished — its emitter closed — because its quiet is the end of its work) and
   ``trainbus_last_event_timestamp_seconds`` (the producer's own ``ts``).
+* A worker silent for ``--forget-after`` seconds (default 600) is forgotten and all its
+  series leave /metrics (Prometheus marks them stale), so restarted, replayed or finished
+  runs do not pile up series for ever; a run's alert counts go with its last worker.
 * the exporter itself: ``trainbus_exporter_connected`` (1 while connected to the daemon),
   ``trainbus_exporter_events_total``, ``trainbus_exporter_rejected_messages_total{reason}``.
 
@@ -51,11 +55,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from bus import cli, endpoints, protocol
-from consumers.runtime import StreamState, Subscriber, install_stop_handlers
+from consumers.fleet import Fleet, WorkerKey
+from consumers.runtime import StreamBook, Subscriber, install_stop_handlers
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,17 @@ GAUGE_FIELDS: dict[str, tuple[str, str, float]] = {
 GRAD_STAGES = (("post", "grad_norm"), ("pre", "pre_clip_grad_norm"))
 
 
+#: Metrics the exporter keeps per worker (the fleet model's histories; the latest value is
+#: the gauge, so an optional field that is not measured leaves the last measured one).
+EXPORTED_METRICS: tuple[str, ...] = tuple(
+    dict.fromkeys((*(name for _stage, name in GRAD_STAGES),
+                   *(name for name in GAUGE_FIELDS if name not in ("update", "env_steps")))))
+#: A worker silent this long (exporter's clock) is forgotten and its series leave /metrics:
+#: a restarted or finished run's series must not stay forever. Longer than any "silent"
+#: alert a rule file would set (the generated worker_silent rule fires at 30 s).
+DEFAULT_FORGET_AFTER_S = 600.0
+
+
 def _worse(value: float, current: float) -> bool:
     """Whether ``value`` should replace ``current`` as the peak: NaN sticks, then max."""
     if math.isnan(current):
@@ -95,91 +110,57 @@ def _worse(value: float, current: float) -> bool:
     return math.isnan(value) or value > current
 
 
-@dataclass
-class StreamMetrics:
-    """Everything exported for one (run, worker); touched under the exporter's lock."""
-
-    gauges: dict[str, float] = field(default_factory=dict)
-    grad_latest: dict[str, float] = field(default_factory=dict)
-    grad_peak: dict[str, float] = field(default_factory=dict)  # since the last scrape
-    updates: int = 0
-    nonfinite_updates: int = 0
-    nonfinite_elements: int = 0
-    dropped: int = 0
-    restarts: int = 0
-    last_received: float | None = None  # monotonic, this process
-    last_ts: float | None = None
-
-
 class ExporterState:
-    """The exporter's view of the bus; fed by the poll loop, read by scrapes.
+    """The exporter's view of the bus: a :class:`consumers.fleet.Fleet` plus what only a
+    scrape target needs (grad-norm peaks since the last scrape, alert notification counts,
+    the exporter's own figures). Fed by the poll loop, read by scrapes.
 
     Why a lock rather than lock-free reads: a scrape runs on the HTTP server's thread and
     both reads everything and resets the grad-norm peaks; it must see each update whole.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, forget_after: float = DEFAULT_FORGET_AFTER_S,
+                 book: StreamBook | None = None) -> None:
         self.lock = threading.Lock()
-        self.streams: dict[tuple[str, str], StreamMetrics] = {}
+        self.fleet = Fleet(spikes=(), metrics=EXPORTED_METRICS, forget_after=forget_after,
+                           book=book)
+        self.peaks: dict[WorkerKey, dict[str, float]] = {}  # since the last scrape
         self.alerts: Counter[tuple[str, str, str, str]] = Counter()
         self.events = 0
         self.rejected: Counter[str] = Counter()
         self.connected = False
 
-    def _stream(self, run: str, worker: int | str) -> StreamMetrics:
-        key = (run, str(worker))
-        metrics = self.streams.get(key)
-        if metrics is None:
-            metrics = self.streams[key] = StreamMetrics()
-        return metrics
-
-    def observe(self, event: protocol.Event) -> None:
+    def observe(self, event: protocol.Event, now: float | None = None) -> None:
         """Fold one validated event in (caller holds no lock; taken here)."""
+        now = time.monotonic() if now is None else now
         with self.lock:
             self.events += 1
-            if event.type == protocol.PPO_UPDATE:
-                self._observe_update(event)
-            elif event.type == protocol.ALERT:
+            if event.type == protocol.ALERT:
                 f = event.fields
                 self.alerts[(event.run, str(f["rule"]), str(f["severity"]), str(f["state"]))] += 1
+                return
+            worker = self.fleet.ingest(event, now)
+            if worker is not None and event.type == protocol.PPO_UPDATE:
+                peaks = self.peaks.setdefault(worker.key, {})
+                for stage, name in GRAD_STAGES:
+                    value = float(event.fields[name])
+                    peak = peaks.get(stage)
+                    if peak is None or _worse(value, peak):
+                        peaks[stage] = value
 
-    def _observe_update(self, event: protocol.Event) -> None:
-        m = self._stream(event.run, event.worker)
-        fields = event.fields
-        m.updates += 1
-        nonfinite = False
-        for stage, name in GRAD_STAGES:
-            value = float(fields[name])
-            nonfinite = nonfinite or not math.isfinite(value)
-            m.grad_latest[stage] = value
-            peak = m.grad_peak.get(stage)
-            if peak is None or _worse(value, peak):
-                m.grad_peak[stage] = value
-        if nonfinite:
-            m.nonfinite_updates += 1
-        count = fields.get("nonfinite_grad_count")
-        if isinstance(count, int) and count > 0:
-            m.nonfinite_elements += count
-        for name, (_metric, _help, scale) in GAUGE_FIELDS.items():
-            value = fields.get(name)
-            if value is not None and not isinstance(value, bool) and isinstance(value, (int, float)):
-                m.gauges[name] = float(value) * scale
-
-    def sync_streams(self, streams: dict[tuple[str, int | str], StreamState],
-                     connected: bool, rejected: Counter[str]) -> None:
-        """Copy the runtime's per-stream accounting (gaps, restarts, clocks) in, so that
-        scrapes never iterate the runtime's dicts while the poll loop changes them."""
+    def sync(self, now: float, connected: bool, rejected: Counter[str]) -> None:
+        """Once per poll: connection state and rejects from the runtime; forget workers
+        silent for ``forget_after`` (their series go, and their runs' alert counts once
+        no worker of the run is left)."""
         with self.lock:
             self.connected = connected
             self.rejected = Counter(rejected)
-            for (run, worker), state in list(streams.items()):
-                if state.session is None:
-                    continue  # only alert/summary events so far: not a producer stream
-                m = self._stream(run, worker)
-                m.dropped = state.dropped
-                m.restarts = state.restarts
-                m.last_received = state.last_received
-                m.last_ts = state.last_ts
+            for key in self.fleet.forget(now):
+                self.peaks.pop(key, None)
+            if self.alerts:
+                runs = set(self.fleet.runs())
+                for key in [k for k in self.alerts if k[0] not in runs]:
+                    del self.alerts[key]
 
 
 class BusCollector:
@@ -233,24 +214,29 @@ class BusCollector:
                                        "Invalid messages this exporter rejected, by reason.",
                                        labels=["reason"])
         with state.lock:
-            for (run, worker), m in sorted(state.streams.items()):
-                labels = [run, worker]
-                for stage, _name in GRAD_STAGES:
-                    if stage in m.grad_latest:
-                        value = m.grad_peak.pop(stage, m.grad_latest[stage])
-                        grad.add_metric([*labels, stage], value)
-                for name, value in m.gauges.items():
-                    gauges[name].add_metric(labels, value)
-                if m.updates:
-                    updates.add_metric(labels, m.updates)
-                    nonfinite.add_metric(labels, m.nonfinite_updates)
-                    elements.add_metric(labels, m.nonfinite_elements)
-                if m.last_received is not None:
-                    dropped.add_metric(labels, m.dropped)
-                    restarts.add_metric(labels, m.restarts)
-                    age.add_metric(labels, max(0.0, now - m.last_received))
-                if m.last_ts is not None:
-                    last_ts.add_metric(labels, m.last_ts)
+            for w in state.fleet.sorted_workers():
+                labels = [w.run, str(w.worker)]
+                latest = w.history.latest
+                peaks = state.peaks.get(w.key, {})
+                for stage, name in GRAD_STAGES:
+                    value = latest(name)
+                    if value is not None:
+                        grad.add_metric([*labels, stage], peaks.pop(stage, value))
+                for name, (_metric, _help, scale) in GAUGE_FIELDS.items():
+                    value = w.update if name == "update" else \
+                        w.env_steps if name == "env_steps" else latest(name)
+                    if value is not None:
+                        gauges[name].add_metric(labels, float(value) * scale)
+                if w.updates:
+                    updates.add_metric(labels, w.updates)
+                    nonfinite.add_metric(labels, w.nonfinite_updates)
+                    elements.add_metric(labels, w.nonfinite_elements)
+                dropped.add_metric(labels, w.dropped)
+                restarts.add_metric(labels, w.restarts)
+                if not w.finished:  # a finished worker's quiet is no silence to alert on
+                    age.add_metric(labels, max(0.0, now - w.last_seen))
+                if w.last_ts is not None:
+                    last_ts.add_metric(labels, w.last_ts)
             for (run, rule, severity, alert_state), count in sorted(state.alerts.items()):
                 alerts.add_metric([run, rule, severity, alert_state], count)
             connected.add_metric([], 1.0 if state.connected else 0.0)
@@ -276,6 +262,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --bind (plain HTTP, no authentication)")
     parser.add_argument("--run", type=cli.run_name, metavar="R", help="export only this run")
+    parser.add_argument("--forget-after", metavar="S", type=cli.positive_float,
+                        default=DEFAULT_FORGET_AFTER_S,
+                        help="drop the series of a worker silent this long "
+                             f"(default {DEFAULT_FORGET_AFTER_S:g})")
     cli.add_subscriber_arguments(parser)
 
 
@@ -296,11 +286,12 @@ def run(args: argparse.Namespace) -> int:
         return 1
     _check_bind(args.bind, args.insecure)
     stop = install_stop_handlers()
-    state = ExporterState()
+    sub = Subscriber.from_args(args, types=[protocol.PPO_UPDATE, protocol.HEARTBEAT,
+                                            protocol.ALERT], run=args.run,
+                               forget_after=args.forget_after)
+    state = ExporterState(forget_after=args.forget_after, book=sub.book)
     registry = CollectorRegistry()
     registry.register(BusCollector(state))
-    sub = Subscriber.from_args(args, types=[protocol.PPO_UPDATE, protocol.HEARTBEAT,
-                                            protocol.ALERT], run=args.run)
     try:
         try:
             server, _thread = start_http_server(args.port, addr=args.bind, registry=registry)
@@ -314,9 +305,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             while not stop.is_set():
                 events = sub.poll(POLL_MS)
+                now = time.monotonic()
                 for event in events:
-                    state.observe(event)
-                state.sync_streams(sub.streams, sub.connected, sub.stats.rejected)
+                    state.observe(event, now)
+                state.sync(now, sub.connected, sub.stats.rejected)
         finally:
             server.shutdown()
             server.server_close()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ from bus.lifecycle import install_stop_handlers
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Subscriber", "StreamState", "SubscriberStats", "install_stop_handlers",
+__all__ = ["Subscriber", "StreamBook", "StreamState", "SubscriberStats", "install_stop_handlers",
            "is_closing_heartbeat"]
 
 SNAPSHOT_REQUEST = b"SNAPSHOT"
@@ -52,6 +52,16 @@ _HANDSHAKE_FAILED = {
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "no_detail",
 }
+#: Streams (and their sequence books) silent this long are forgotten (the consumers'
+#: ``--forget-after`` default): memory follows the workers that are alive, not every
+#: session a long-lived consumer ever saw.
+DEFAULT_FORGET_AFTER_S = 3600.0
+#: Most streams a consumer keeps books for (least recently active dropped first).
+DEFAULT_MAX_STREAMS = 10_000
+#: Earlier sessions per stream whose late events are still recognised (and ignored).
+RETIRED_SESSIONS = 4
+#: How often poll() runs StreamBook.forget (it is O(streams)).
+FORGET_EVERY_S = 1.0
 #: Types a worker produces; only these make a (run, worker) stream "alive" or "restarted".
 PRODUCER_TYPES = (protocol.PPO_UPDATE, protocol.HEARTBEAT)
 #: Deepest nesting of maps/lists an accepted event may have (the payload map is level 1).
@@ -86,7 +96,8 @@ def is_closing_heartbeat(event: protocol.Event) -> bool:
 
 @dataclass(slots=True)
 class StreamState:
-    """What a consumer knows about one (run, worker) producer.
+    """What a consumer knows about one (run, worker) producer: the runtime's accounting,
+    which every per-worker view (consumers.fleet) reads by reference instead of copying.
 
     ``finished``: the current session has closed (its closing heartbeat arrived), so its
     silence from then on is the end of the work, not a fault: views show it as done,
@@ -103,11 +114,15 @@ class StreamState:
     sessions_seen: int = 0
     restarts: int = 0
     dropped: int = 0
-    last_received: float = 0.0  # time.monotonic() on this machine
+    last_received: float = 0.0  # time.monotonic() on this machine, of a producer event
     last_ts: float | None = None  # producer wall clock of the newest event
     last_update: int | None = None
     updates_received: int = 0
     finished: bool = False
+    #: Sessions this stream had before the current one, newest last (bounded): their late
+    #: events change nothing, even once their sequence books have been forgotten.
+    retired: deque[str] = field(default_factory=lambda: deque(maxlen=RETIRED_SESSIONS))
+    touched: float = 0.0  # when the book last recorded any event of this key (own clock)
 
     def age(self, now: float | None = None) -> float:
         """Seconds since this consumer last heard from the stream (own clock)."""
@@ -118,31 +133,65 @@ class StreamBook:
     """Per-stream accounting of accepted events: duplicates and sequence gaps per (session,
     type), restarts, finished, own-clock age. Kept apart from the socket so that anything
     fed events with a clock of its own (the alert engine replaying a recording) keeps the
-    same books as a live Subscriber."""
+    same books as a live Subscriber.
 
-    def __init__(self) -> None:
-        self.streams: dict[tuple[str, int | str], StreamState] = {}
-        self._last_seq: dict[tuple[str, str], int] = {}
+    A late event of a session the stream had before its current one (a straggler after a
+    restart) is passed on but changes nothing; the stream remembers a few earlier
+    sessions (``retired``) so that holds even once their sequence books are gone.
+
+    Memory follows the live streams, not history: :meth:`forget` drops streams and
+    sequence books idle for ``forget_after`` seconds (a restarted worker's old session
+    goes that way), and at most ``max_streams`` streams and ``max_sequences`` sequence
+    books are kept, the least recently active dropped first (a flood of made-up names
+    costs a bounded amount).
+    """
+
+    def __init__(self, *, forget_after: float = DEFAULT_FORGET_AFTER_S,
+                 max_streams: int = DEFAULT_MAX_STREAMS) -> None:
+        self.forget_after = forget_after
+        self.max_streams = max_streams
+        self.max_sequences = 4 * max_streams
+        self.streams: OrderedDict[tuple[str, int | str], StreamState] = OrderedDict()
+        #: (session, type) -> (last seq, when last touched), least recently touched first.
+        self._last_seq: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self.forgotten = 0  # streams dropped by forget() or the bound
 
     def record(self, event: protocol.Event, now: float) -> int | None:
         """Account one event received at ``now``: None for a duplicate (already seen by
         seq), else the number of events of its (session, type) lost just before it."""
         key = (event.session, event.type)
-        last = self._last_seq.get(key)
+        entry = self._last_seq.get(key)
+        last = entry[0] if entry is not None else None
         if last is not None and event.seq <= last:
             return None
-        self._last_seq[key] = event.seq
         stream_key = (event.run, event.worker)
-        stream = self.streams.get(stream_key)
+        streams = self.streams
+        stream = streams.get(stream_key)
         if stream is None:
-            stream = self.streams[stream_key] = StreamState(event.run, event.worker)
+            stream = streams[stream_key] = StreamState(event.run, event.worker)
+            if len(streams) > self.max_streams:
+                self._drop_stream(next(iter(streams)))
+        else:
+            streams.move_to_end(stream_key)
+        producer = event.type in PRODUCER_TYPES
+        seqs = self._last_seq
+        seqs[key] = (event.seq, now)
+        if entry is not None:
+            seqs.move_to_end(key)
+        elif len(seqs) > self.max_sequences:
+            seqs.popitem(last=False)
+        stream.touched = now
         gap = event.seq - last - 1 if last is not None and event.seq > last + 1 else 0
-        if event.type in PRODUCER_TYPES:
+        if producer and event.session != stream.session and \
+                (last is not None or event.session in stream.retired):
+            return gap  # a straggler from before the worker's restart: passed on, no effect
+        if producer:
             stream.dropped += gap
             if stream.session != event.session and last is None:
                 if stream.session is not None:
                     stream.restarts += 1
                     log.info("%s/%s restarted (new session %s)", event.run, event.worker, event.session)
+                    stream.retired.append(stream.session)
                 stream.session = event.session
                 stream.sessions_seen += 1
             if event.session == stream.session:
@@ -154,6 +203,32 @@ class StreamBook:
                 stream.updates_received += 1
                 stream.last_update = event.fields.get("update")
         return gap
+
+    def _drop_stream(self, key: tuple[str, int | str]) -> None:
+        stream = self.streams.pop(key)
+        self.forgotten += 1
+        if stream.session is not None:
+            for kind in PRODUCER_TYPES:
+                self._last_seq.pop((stream.session, kind), None)
+
+    def forget(self, now: float) -> list[tuple[str, int | str]]:
+        """Drop streams and sequence books idle for longer than ``forget_after``; returns
+        the streams' keys. O(streams), so call it about once a second, not per event."""
+        horizon = now - self.forget_after
+        gone = [key for key, stream in self.streams.items() if stream.touched < horizon]
+        for key in gone:
+            self._drop_stream(key)
+        seqs = self._last_seq
+        while seqs:
+            oldest = next(iter(seqs))
+            if seqs[oldest][1] >= horizon:
+                break
+            del seqs[oldest]
+        return gone
+
+    def __len__(self) -> int:
+        """Sequence books held (for memory tests: bounded by live sessions, not history)."""
+        return len(self._last_seq)
 
 
 @dataclass
@@ -183,7 +258,9 @@ class Subscriber:
                  run: str | None = None, worker: int | str | None = None,
                  use_snapshot: bool = True,
                  max_bytes: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 rcvhwm: int = transport.SUBSCRIBER_RCVHWM) -> None:
+                 rcvhwm: int = transport.SUBSCRIBER_RCVHWM,
+                 forget_after: float = DEFAULT_FORGET_AFTER_S,
+                 book: StreamBook | None = None) -> None:
         self.subscribe_endpoint = endpoints.resolve("subscribe", subscribe)
         self.snapshot_endpoint = endpoints.resolve("snapshot", snapshot) if use_snapshot else None
         self.curve_client = endpoints.resolve_curve_client(curve_client)
@@ -192,8 +269,11 @@ class Subscriber:
         self.worker = worker
         self.max_bytes = max_bytes
         self.stats = SubscriberStats()
-        self.book = StreamBook()
+        #: The accounting; pass one in to share it with a per-worker model that reads it
+        #: (consumers.fleet.Fleet), so both forget on the same clock.
+        self.book = StreamBook(forget_after=forget_after) if book is None else book
         self.streams = self.book.streams
+        self._next_forget = 0.0
         self.connected = False
         self.ever_connected = False
         self._prefixes = protocol.subscription_prefixes(self.types, run, worker)
@@ -232,8 +312,12 @@ class Subscriber:
         """Events that arrived within ``timeout_ms`` (snapshot events first after a
         (re)connect), validated, filtered and de-duplicated. Never busy-waits."""
         events: list[protocol.Event] = []
-        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+        now = time.monotonic()
+        if self._retry_at is not None and now >= self._retry_at:
             self._retry_connect()
+        if now >= self._next_forget:
+            self._next_forget = now + FORGET_EVERY_S
+            self.book.forget(now)
         if self._first_snapshot_pending:
             # Until the first snapshot is in, leave live events queued in the SUB socket:
             # reading them first would make the (older) cached history look like duplicates.

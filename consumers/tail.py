@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.text import Text
 
 from bus import protocol
+from consumers.health import add_rules_argument, health_from_args
 from consumers.runtime import Subscriber, install_stop_handlers
-from consumers.thresholds import DEFAULT_HEALTH
+from consumers.thresholds import DEFAULT_HEALTH, HealthTable
 
 log = logging.getLogger("trainbus.tail")
 
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=run_name, help="only this run")
     parser.add_argument("--worker", type=worker_id, help="only this worker (integer or 'all')")
     parser.add_argument("--json", action="store_true", help="strict JSON, one object per line")
+    add_rules_argument(parser)
     parser.add_argument("--count", type=positive_int, help="exit 0 after N events")
     parser.add_argument("--timeout", type=nonneg_float,
                         help="give up after S seconds (exit 1 if --count was not reached)")
@@ -64,8 +66,9 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def render_line(event: protocol.Event) -> Text:
-    """One readable line; the grad norm takes its health colour."""
+def render_line(event: protocol.Event, health: HealthTable = DEFAULT_HEALTH) -> Text:
+    """One readable line; the grad norm takes its health colour (by ``--rules``' levels,
+    the same the monitor and the alerts use: consumers.health)."""
     stamp = datetime.fromtimestamp(event.ts).strftime("%H:%M:%S.%f")[:-3]
     line = Text(f"{stamp} ", style="dim")
     line.append(f"{event.type:<11} ", style="bold")
@@ -74,7 +77,7 @@ def render_line(event: protocol.Event) -> Text:
     if event.type == protocol.PPO_UPDATE:
         grad = f.get("grad_norm")
         line.append(f"u={f.get('update')} grad=")
-        line.append(_fmt(grad), style=HEALTH_STYLE[DEFAULT_HEALTH.health("grad_norm", grad)])
+        line.append(_fmt(grad), style=HEALTH_STYLE[health.health("grad_norm", grad)])
         line.append(f" pre={_fmt(f.get('pre_clip_grad_norm'))} kl={_fmt(f.get('approx_kl'), 4)}"
                     f" clip={_fmt(f.get('clip_fraction'), 2)} ent={_fmt(f.get('entropy'))}"
                     f" ret={_fmt(f.get('episode_return_mean'), 1)}")
@@ -109,8 +112,10 @@ def render_line(event: protocol.Event) -> Text:
 class Printer:
     """Writes events as JSON lines or rich lines; stops quietly on a closed pipe."""
 
-    def __init__(self, as_json: bool, out: TextIO = sys.stdout) -> None:
+    def __init__(self, as_json: bool, out: TextIO = sys.stdout,
+                 health: HealthTable = DEFAULT_HEALTH) -> None:
         self.as_json = as_json
+        self.health = health
         self.out = out
         self.console = None if as_json else Console(file=out, highlight=False, soft_wrap=True)
         self.printed = 0
@@ -121,7 +126,7 @@ class Printer:
             self.out.flush()
         else:
             assert self.console is not None
-            self.console.print(render_line(event))
+            self.console.print(render_line(event, self.health))
         self.printed += 1
 
 
@@ -163,7 +168,7 @@ def _tail_file(args: argparse.Namespace, printer: Printer) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    printer = Printer(args.json)
+    printer = Printer(args.json, health=health_from_args(args).table)
     try:
         if args.file:
             return _tail_file(args, printer)

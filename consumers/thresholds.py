@@ -40,14 +40,15 @@ class Threshold:
 
     def severity(self, value: float) -> Severity:
         """Severity of one finite value against this bound."""
-        if self.critical is not None and _breaches(self.op, value, self.critical):
+        if self.critical is not None and breaches(self.op, value, self.critical):
             return "critical"
-        if self.warning is not None and _breaches(self.op, value, self.warning):
+        if self.warning is not None and breaches(self.op, value, self.warning):
             return "warning"
         return "ok"
 
 
-def _breaches(op: str, value: float, level: float) -> bool:
+def breaches(op: str, value: float, level: float) -> bool:
+    """``value <op> level``: the one comparison every health and alert level uses."""
     return value > level if op == ">" else value < level
 
 

@@ -9,15 +9,16 @@ import os
 import pytest
 
 from bus import protocol
-from consumers.aggregate import Aggregator, band_distance, rollup, write_atomic
-from consumers.runtime import StreamState, Subscriber
+from consumers.aggregate import Aggregator, write_atomic
+from consumers.fleet import band_distance, rollup
+from consumers.runtime import Subscriber
 from emitter.telemetry import TelemetryEmitter
 from tests.conftest import ppo_fields, ppo_payload, trainbus_cmd, wait_for
 
 
 def event(run: str = "r", worker: int | str = 0, seq: int = 0, session: str | None = None,
           event_type: str = "ppo_update", **fields) -> protocol.Event:
-    session = session or f"s{worker}"
+    session = session or f"{run}.s{worker}"  # one emitter per (run, worker), as in life
     if event_type == "ppo_update":
         payload = ppo_payload(run, worker, session, seq, **fields)
     else:
@@ -113,8 +114,6 @@ def test_finished_workers_are_neither_live_nor_stale():
     assert agg.due_summaries(0.5)["r"]["workers_live"] == 3
     # Worker 2 closes (its closing heartbeat reached the runtime) just after it spoke.
     agg.ingest(event(worker=2, seq=0, event_type="heartbeat", interval_s=2.0, closing=True), now=1.0)
-    streams = {("r", w): StreamState("r", w, finished=w == 2) for w in range(3)}
-    agg.sync(streams)
     due = agg.due_summaries(1.0)  # finishing alone makes the run due
     summary = due["r"]
     assert summary["workers_live"] == 2 and summary["workers_stale"] == 0
@@ -124,13 +123,12 @@ def test_finished_workers_are_neither_live_nor_stale():
     # Much later the other two have gone quiet without closing: stale; worker 2 stays finished.
     summary = agg.due_summaries(10.0)["r"]
     assert (summary["workers_live"], summary["workers_stale"]) == (0, 2)
-    snap = agg.snapshot(10.0, streams)
+    snap = agg.snapshot(10.0)
     assert snap["runs"]["r"]["workers"]["2"]["finished"] is True
     assert snap["runs"]["r"]["workers"]["2"]["live"] is False
     # Restarted (new session, not finished): live again as soon as it speaks.
-    streams[("r", 2)] = StreamState("r", 2, restarts=1)
     agg.ingest(event(worker=2, seq=0, session="s2-new", update=0), now=11.0)
-    agg.sync(streams)
+    assert agg.workers[("r", 2)].restarts == 1
     summary = agg.due_summaries(11.0)["r"]
     assert (summary["workers_live"], summary["workers_stale"]) == (1, 2)
 
@@ -165,7 +163,7 @@ def test_snapshot_and_atomic_write(tmp_path):
 
 def test_aggregate_process_publishes_summaries_and_snapshot_file(procs, daemon, tmp_path):
     snapshot_file = tmp_path / "agg.json"
-    agg = procs.start(trainbus_cmd("aggregate", "--snapshot-file", str(snapshot_file)), env=daemon.env)
+    agg = procs.start(trainbus_cmd("aggregate", "--state-file", str(snapshot_file)), env=daemon.env)
     with Subscriber(daemon.subscribe, daemon.snapshot, types=["ppo_summary"]) as sub, \
             TelemetryEmitter("agg", 0, daemon.publish, heartbeat_interval=None) as w0, \
             TelemetryEmitter("agg", 1, daemon.publish, heartbeat_interval=None) as w1:

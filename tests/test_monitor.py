@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from bus import protocol
-from consumers.monitor import (
+from consumers.monitor_state import (
     CRITICAL,
     DONE,
     MAX_ALERTS,
@@ -31,21 +31,23 @@ from consumers.monitor_view import (
     table_width,
     tier_for,
 )
-from consumers.runtime import StreamState, Subscriber
+from consumers.runtime import Subscriber
 from emitter.telemetry import TelemetryEmitter
 from tests.conftest import ppo_fields, ppo_payload, trainbus_cmd, wait_for
 
 NOW = 1000.0
 
 
-def update(run: str = "r", worker: int | str = 0, seq: int = 0, **fields) -> protocol.Event:
+def update(run: str = "r", worker: int | str = 0, seq: int = 0, session: str | None = None,
+           **fields) -> protocol.Event:
     fields.setdefault("update", seq)
-    return protocol.decode(protocol.encode(ppo_payload(run, worker, f"s{worker}", seq, **fields)))
+    session = session or f"s{worker}"
+    return protocol.decode(protocol.encode(ppo_payload(run, worker, session, seq, **fields)))
 
 
 def other(event_type: str, run: str = "r", worker: int | str = "all", seq: int = 0,
-          **fields) -> protocol.Event:
-    payload = {"v": 1, "type": event_type, "run": run, "worker": worker, "session": "x",
+          session: str = "x", **fields) -> protocol.Event:
+    payload = {"v": 1, "type": event_type, "run": run, "worker": worker, "session": session,
                "seq": seq, "ts": time.time(), **fields}
     return protocol.decode(protocol.encode(payload))
 
@@ -59,13 +61,38 @@ def alert(state: str, severity: str = "critical", worker: int = 1, rule: str = "
 
 def connected_state(**kwargs) -> MonitorState:
     state = MonitorState(**kwargs)
-    state.sync({}, NOW, connected=True, ever_connected=True, endpoint="tcp://127.0.0.1:1")
+    state.sync(NOW, connected=True, ever_connected=True, endpoint="tcp://127.0.0.1:1")
     return state
 
 
-def feed(state: MonitorState, worker: int, grads: list[float], now: float = NOW, **fields) -> None:
-    for seq, grad in enumerate(grads):
-        state.ingest(update(worker=worker, seq=seq, grad_norm=grad, **fields), now)
+#: Next seq per (run, worker, session, type): fed events continue their stream, as a
+#: worker's would (the state's own book drops a repeated seq as a duplicate).
+_next_seq: dict[tuple, int] = {}
+
+
+def next_seq(*key) -> int:
+    seq = _next_seq.get(key, 0)
+    _next_seq[key] = seq + 1
+    return seq
+
+
+def feed(state: MonitorState, worker: int, grads: list[float], now: float = NOW,
+         session: str | None = None, run: str = "r", **fields) -> None:
+    session = session or f"s{worker}"
+    for grad in grads:
+        seq = next_seq(id(state), run, worker, session, "ppo_update")
+        state.ingest(update(run=run, worker=worker, seq=seq, session=session, grad_norm=grad,
+                            **fields), now)
+
+
+def finish(state: MonitorState, *workers: int, now: float = NOW, session: str | None = None,
+           run: str = "r") -> None:
+    """The workers' emitters close: their closing heartbeats (what the runtime marks done)."""
+    for worker in workers:
+        sess = session or f"s{worker}"
+        seq = next_seq(id(state), run, worker, sess, "heartbeat")
+        state.ingest(other("heartbeat", run=run, worker=worker, seq=seq, session=sess,
+                           interval_s=2.0, closing=True), now)
 
 
 # --------------------------------------------------------------------- state
@@ -73,10 +100,10 @@ def feed(state: MonitorState, worker: int, grads: list[float], now: float = NOW,
 
 def test_banner_states_worst_first():
     state = MonitorState()
-    state.sync({}, NOW, connected=False, ever_connected=False, endpoint="tcp://x:1")
+    state.sync(NOW, connected=False, ever_connected=False, endpoint="tcp://x:1")
     banner = state.banner(NOW)
     assert banner.state == "DISCONNECTED" and "no daemon reachable" in banner.detail
-    state.sync({}, NOW, connected=False, ever_connected=True, endpoint="tcp://x:1")
+    state.sync(NOW, connected=False, ever_connected=True, endpoint="tcp://x:1")
     assert "lost the daemon" in state.banner(NOW).detail
 
     state = connected_state()
@@ -97,7 +124,7 @@ def test_banner_states_worst_first():
     # Worker 4 went silent 6 s ago: the picture may be old news, STALE outranks the rest.
     feed(state, 4, [1.0], now=NOW - 6)
     assert state.banner(NOW).state == "STALE"
-    state.sync({}, NOW, connected=False, ever_connected=True)
+    state.sync(NOW, connected=False, ever_connected=True)
     assert state.banner(NOW).state == "DISCONNECTED"
 
 
@@ -135,17 +162,15 @@ def test_firing_alerts_raise_banner_and_resolve():
     assert state.alert_events == 4
 
 
-def test_sync_copies_restarts_and_drops_from_runtime():
+def test_rows_read_restarts_and_drops_from_the_runtime_accounting():
     state = connected_state()
     feed(state, 0, [1.0])
-    streams = {("r", 0): StreamState("r", 0, restarts=2, dropped=7)}
-    state.sync(streams, NOW, connected=True, ever_connected=True, rejected=3, lost=7)
+    state.ingest(update(worker=0, seq=8), NOW)  # seq 1..7 lost on the way
+    feed(state, 0, [1.0], session="s0-b")  # restarted
+    feed(state, 0, [1.0], session="s0-c")  # and again
+    state.sync(NOW, connected=True, ever_connected=True, rejected=3, lost=7)
     row = state.rows[("r", 0)]
     assert (row.restarts, row.dropped, state.rejected, state.lost) == (2, 7, 3, 7)
-
-
-def finished_streams(*workers: int, run: str = "r") -> dict[tuple[str, int], StreamState]:
-    return {(run, w): StreamState(run, w, finished=True) for w in workers}
 
 
 def test_finished_worker_is_done_never_stale_and_not_a_problem():
@@ -153,8 +178,9 @@ def test_finished_worker_is_done_never_stale_and_not_a_problem():
     feed(state, 0, [1.0, 1.1])
     feed(state, 1, [1.0, 1.2])
     feed(state, 2, [1.0], approx_kl=0.05)  # critical, then it finishes
+    finish(state, 0, 2)
     later = NOW + 30  # everyone silent far past stale_after
-    state.sync(finished_streams(0, 2), later, connected=True, ever_connected=True)
+    state.sync(later, connected=True, ever_connected=True)
     statuses = {row.worker: state.row_status(row, later) for row in state.sorted_rows()}
     assert statuses == {0: DONE, 1: STALE, 2: DONE}
     banner = state.banner(later)
@@ -162,18 +188,17 @@ def test_finished_worker_is_done_never_stale_and_not_a_problem():
     assert banner.counts["done"] == 2 and banner.counts["live"] == 0
     assert banner.counts["critical"] == 0  # a finished worker's last values are history
     # Every worker finished: the run is over, not stale.
-    state.sync(finished_streams(0, 1, 2), later, connected=True, ever_connected=True)
+    finish(state, 1, now=later)
     banner = state.banner(later)
     assert banner.state == "FINISHED" and banner.counts["stale"] == 0 and banner.counts["done"] == 3
     # Worker 1 restarts (its new session is not finished): live again, judged as usual.
-    streams = finished_streams(0, 2)
-    streams[("r", 1)] = StreamState("r", 1, restarts=1)
-    feed(state, 1, [6.0], now=later)
-    state.sync(streams, later, connected=True, ever_connected=True)
+    feed(state, 1, [6.0], now=later, session="s1-new")
+    assert state.rows[("r", 1)].restarts == 1
     assert state.row_status(state.rows[("r", 1)], later) == WARNING
     assert state.banner(later).state == "WARNING"
     # A firing alert still raises the banner above FINISHED.
-    state.sync(finished_streams(0, 1, 2), later, connected=True, ever_connected=True)
+    finish(state, 1, now=later, session="s1-new")
+    assert state.banner(later).state == "FINISHED"
     state.ingest(alert("firing", severity="warning", worker=1), later)
     assert state.banner(later).state == "WARNING"
 
@@ -183,16 +208,16 @@ def test_fleet_row_leaves_finished_workers_out():
     feed(state, 0, [1.0])
     feed(state, 1, [9.0])
     feed(state, 2, [3.0], now=NOW - 10)  # stale
-    state.sync(finished_streams(1), NOW, connected=True, ever_connected=True)
-    _, summary = state.fleet("r", NOW)
+    finish(state, 1)
+    _, summary = state.fleet_row("r", NOW)
     assert summary["workers_live"] == 1 and summary["workers_stale"] == 1
     assert summary["metrics"]["grad_norm"]["mean"] == pytest.approx(1.0)
     assert state.finished_workers("r") == 1
     # The whole run finished: the fleet row keeps its final values, even over an
     # aggregator's (empty: live workers only) last summary.
     state.ingest(other("ppo_summary", workers_live=0, workers_stale=0, updates=0, metrics={}), NOW)
-    state.sync(finished_streams(0, 1, 2), NOW, connected=True, ever_connected=True)
-    source, summary = state.fleet("r", NOW)
+    finish(state, 0, 2)
+    source, summary = state.fleet_row("r", NOW)
     assert source == "final" and summary["workers_live"] == 0 and summary["workers_stale"] == 0
     assert summary["metrics"]["grad_norm"]["mean"] == pytest.approx((1.0 + 9.0 + 3.0) / 3)
     assert summary["metrics"]["grad_norm"]["worst_worker"] == 1 and summary["updates"] == 0
@@ -203,7 +228,7 @@ def test_fleet_row_local_or_from_aggregator():
     feed(state, 0, [1.0, 2.0])
     feed(state, 1, [4.0, 8.0])
     feed(state, 2, [20.0], now=NOW - 10)  # stale: left out of the local rollup
-    source, summary = state.fleet("r", NOW)
+    source, summary = state.fleet_row("r", NOW)
     assert source == "local"
     assert summary["workers_live"] == 2 and summary["workers_stale"] == 1
     grad = summary["metrics"]["grad_norm"]
@@ -212,10 +237,10 @@ def test_fleet_row_local_or_from_aggregator():
                  "metrics": {"grad_norm": {"mean": 9.0, "min": 1.0, "max": 20.0, "worst_worker": 2,
                                            "worst_value": 20.0, "nonfinite": 0, "workers": 3}}}
     state.ingest(other("ppo_summary", **published), NOW)
-    source, summary = state.fleet("r", NOW + 1)
+    source, summary = state.fleet_row("r", NOW + 1)
     assert source == "aggregator" and summary["metrics"]["grad_norm"]["mean"] == 9.0
     # An aggregator that stopped talking is ignored after stale_after.
-    assert state.fleet("r", NOW + 6)[0] == "local"
+    assert state.fleet_row("r", NOW + 6)[0] == "local"
 
 
 def test_memory_is_bounded():
@@ -230,8 +255,9 @@ def test_memory_is_bounded():
     for seq in range(100):
         state.ingest(update(worker=150, seq=seq), NOW)
     assert len(state.rows[("r", 150)].history.series["grad_norm"]) == 10
-    state.sync({}, NOW + 4000, connected=True, ever_connected=True)
+    state.sync(NOW + 4000, connected=True, ever_connected=True)
     assert state.rows == {}  # forgotten after an hour of silence
+    assert state.fleet.book.streams == {} and len(state.fleet.book) == 0  # and its accounting
 
 
 def test_filtered_and_bus_stats_events():
@@ -305,8 +331,8 @@ def test_frame_learning_with_alerts_panel_and_markers():
     state = connected_state()
     feed(state, 0, [1.0] * 10)
     state.ingest(alert("firing", worker=0), NOW)
-    state.sync({("r", 0): StreamState("r", 0, restarts=1, dropped=4)}, NOW,
-               connected=True, ever_connected=True)
+    state.ingest(update(worker=0, seq=14, grad_norm=1.0), NOW)  # seq 10..13 lost
+    feed(state, 0, [1.0], session="s0-restarted")
     text, styled = render(state, width=80)
     assert "CRITICAL" in text  # the firing critical alert raises the banner
     assert "firing alerts (1)" in text and "grad_norm_high" in text
@@ -339,7 +365,7 @@ def test_frame_shows_finished_workers_as_done_and_dimmed():
     state = connected_state()
     feed(state, 0, [1.0, 1.25])
     feed(state, 1, [2.0, 2.5])
-    state.sync(finished_streams(0), NOW, connected=True, ever_connected=True)
+    finish(state, 0)
     text, styled = render(state, width=120)
     assert "LEARNING" in text and "1 live" in text and "1 done" in text
     assert "dim" in style_of(styled, "1 done")
@@ -347,7 +373,7 @@ def test_frame_shows_finished_workers_as_done_and_dimmed():
     assert "dim" in style_of(styled, "1.250")  # the whole row is old news
     assert "dim" not in style_of(styled, "2.500")
     assert "1/1 live" in text  # the fleet counts only the unfinished
-    state.sync(finished_streams(0, 1), NOW, connected=True, ever_connected=True)
+    finish(state, 1)
     text, styled = render(state, width=120)
     assert " FINISHED " in text and "2 done" in text and "STALE" not in text
     assert style_of(styled, " FINISHED ") == BANNER_STYLE["FINISHED"]
@@ -406,7 +432,7 @@ def test_pre_clip_spike_sets_the_row_status_by_its_severity():
     assert (banner.counts["critical"], banner.counts["warning"]) == (2, 2)
     # Silence still outranks it, and a finished worker's old spike is no alarm.
     assert state.row_status(state.rows[("r", 2)], NOW + 6) == STALE
-    state.sync(finished_streams(2), NOW, connected=True, ever_connected=True)
+    finish(state, 2)
     assert state.row_status(state.rows[("r", 2)], NOW) == DONE
     # The median catches up: a norm that stays up stops being a spike (a level is not news).
     feed_pre(state, 7, [1.0] * 4 + [8.0] * 6)  # previous 9: four 1s, five 8s: median 8

@@ -53,7 +53,7 @@ from typing import Any, Protocol
 from bus import protocol
 from consumers.alerting.rules import Rule
 from consumers.history import HISTORY_LEN
-from consumers.thresholds import Spike, SpikeTracker
+from consumers.thresholds import SpikeTracker
 
 Key = tuple[str, int | str, str]
 
@@ -180,13 +180,14 @@ class AlertEngine:
     def __init__(self, rules: Mapping[str, Rule] | Iterable[Rule]) -> None:
         items = tuple(rules.values()) if isinstance(rules, Mapping) else tuple(rules)
         self.rules: dict[str, Rule] = {r.name: r for r in items if r.enabled}
-        # (rule, clear level, critical_clear level): derived once, not per observation.
-        self._threshold = tuple((r, r.clear_level, r.critical_clear_level)
+        # (rule, its shared threshold, clear level, critical_clear level): derived once,
+        # not per observation. Levels are judged by the threshold code the monitor uses.
+        self._threshold = tuple((r, r.threshold, r.clear_level, r.critical_clear_level)
                                 for r in self.rules.values() if r.kind == "threshold")
         self._nonfinite = tuple(r for r in self.rules.values() if r.kind == "nonfinite")
         self._silent = tuple(r for r in self.rules.values() if r.kind == "silent")
         self._dropped = tuple(r for r in self.rules.values() if r.kind == "dropped")
-        self._spike = tuple((r, r.clear_level, r.critical_clear_level, _spike(r))
+        self._spike = tuple((r, r.clear_level, r.critical_clear_level, r.spike)
                             for r in self.rules.values() if r.kind == "spike")
         self._alerts: dict[Key, _Alert] = {}
         self._drops: dict[tuple[str, int | str, str], _DropWindow] = {}
@@ -215,7 +216,7 @@ class AlertEngine:
         wall = now if wall is None else wall
         out: list[Notification] = []
         update = fields.get("update")
-        for rule, clear, critical_clear in self._threshold:
+        for rule, threshold, clear, critical_clear in self._threshold:
             value = fields.get(rule.metric)
             if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue  # absent = not measured: no evidence either way
@@ -224,7 +225,7 @@ class AlertEngine:
                 continue  # the nonfinite rule's business: one NaN, one alert
             if rule.warmup and isinstance(update, int) and update < rule.warmup:
                 continue
-            self._step((run, worker, rule.name), rule, rule.level_of(value),
+            self._step((run, worker, rule.name), rule, _level(threshold.severity(value)),
                        rule.past(value, clear), rule.past(value, critical_clear),
                        value, rule.metric, now, wall, out)
         for rule, clear, critical_clear, spike in self._spike:
@@ -239,7 +240,7 @@ class AlertEngine:
             ratio = tracker.observe(value)
             if ratio is None:
                 continue  # too little finite history, or a non-finite value: no evidence
-            self._step(key, rule, rule.level_of(ratio), rule.past(ratio, clear),
+            self._step(key, rule, _level(spike.severity(ratio)), rule.past(ratio, clear),
                        rule.past(ratio, critical_clear), ratio, rule.metric, now, wall, out)
         for rule in self._nonfinite:
             bad_metric, bad_value, seen = None, None, False
@@ -326,11 +327,30 @@ class AlertEngine:
                            rule.past(lost, rule.clear_level),
                            rule.past(lost, rule.critical_clear_level),
                            lost, rule.metric, now, wall, out)
+        if streams is not None:
+            self._forget_gone_streams(streams, now, wall, out)
         for key, alert in list(self._alerts.items()):
             self._maybe_remind(key, alert, now, wall, out)
         self._release_held(now, wall, out)
         self._forget_quiet_keys(now)
         return out
+
+    def _forget_gone_streams(self, streams: Mapping[tuple[str, int | str], StreamLike],
+                             now: float, wall: float, out: list[Notification]) -> None:
+        """Follow the runtime forgetting a worker (silent for its ``forget_after``): its
+        alerts resolve — nothing is watched there any more, as Prometheus resolves an
+        alert whose series went away — and its per-key state goes, so the engine's memory
+        follows the workers that exist, not every key that ever spoke."""
+        for key in [k for k in self._alerts if (k[0], k[1]) not in streams]:
+            if key[1] == protocol.ALL_WORKERS:
+                continue  # run-level alerts have no producer stream to follow
+            rule = self.rules.get(key[2])
+            if rule is not None:
+                self._step(key, rule, None, True, True, self._alerts[key].value,
+                           self._alerts[key].metric, now, wall, out, force_clear=True)
+        for table in (self._trackers, self._drops):
+            for key in [k for k in table if (k[0], k[1]) not in streams and k not in self._alerts]:
+                del table[key]
 
     # ------------------------------------------------------------------ views
 
@@ -502,10 +522,9 @@ class AlertEngine:
                     del table[key]
 
 
-def _spike(rule: Rule) -> Spike:
-    """The shared spike definition for a spike rule (levels judged by the rule itself)."""
-    return Spike(rule.name, rule.metric, rule.warning, rule.critical, rule.min_history,
-                 sustain=rule.for_)
+def _level(severity: str) -> str | None:
+    """The engine's level of a shared severity: "ok" is no breach."""
+    return None if severity == "ok" else severity
 
 
 def _summary(rule: Rule, alert: _Alert, transition: str, threshold: float | None) -> str:

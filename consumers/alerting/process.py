@@ -32,6 +32,7 @@ from consumers.alerting.sinks import (
     JsonlSink,
     WebhookSink,
 )
+from consumers.health import add_rules_argument
 from consumers.runtime import Subscriber, install_stop_handlers
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,7 @@ FLUSH_TIMEOUT_S = 3.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rules", metavar="FILE",
-                        help="TOML file overriding (by rule name) or adding rules")
+    add_rules_argument(parser)
     parser.add_argument("--log", metavar="FILE", help="append every notification as a JSON line")
     parser.add_argument("--exec", dest="exec_cmd", metavar="CMD",
                         help="shell command run per firing/resolved notification, alert JSON on stdin")

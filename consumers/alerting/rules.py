@@ -49,6 +49,7 @@ from consumers.thresholds import (
     NONFINITE_CRITICAL,
     Spike,
     Threshold,
+    breaches,
 )
 
 RuleKind = Literal["threshold", "spike", "nonfinite", "silent", "dropped"]
@@ -167,17 +168,27 @@ class Rule:
         return self.critical - band if self.op == ">" else self.critical + band
 
     def breaches(self, value: float, level: float | None) -> bool:
-        if level is None:
-            return False
-        return value > level if self.op == ">" else value < level
+        return level is not None and breaches(self.op, value, level)
+
+    @property
+    def threshold(self) -> Threshold:
+        """The health threshold with this rule's levels: what the monitor, tail and
+        aggregator colour by (consumers.health), and what :meth:`level_of` asks, so the
+        two can never disagree on a value."""
+        return Threshold(self.name, self.metric, self.op, self.warning, self.critical,
+                         self.summary)
+
+    @property
+    def spike(self) -> Spike:
+        """The shared spike definition of a spike rule (``for`` is its ``sustain``)."""
+        return Spike(self.name, self.metric, self.warning, self.critical, self.min_history,
+                     sustain=self.for_, description=self.summary)
 
     def level_of(self, value: float) -> str | None:
-        """"critical", "warning" or None for one finite value."""
-        if self.breaches(value, self.critical):
-            return "critical"
-        if self.breaches(value, self.warning):
-            return "warning"
-        return None
+        """"critical", "warning" or None for one finite value (or, for a spike rule, one
+        ratio to the recent median), judged by the shared threshold code."""
+        severity = self.threshold.severity(value)
+        return None if severity == "ok" else severity
 
     def past(self, value: float, level: float | None) -> bool:
         """True when ``value`` is back on the healthy side of ``level`` (inclusive)."""
@@ -396,8 +407,10 @@ def _parse_rule(name: str, table: Any, base: Rule | None, defaults: Mapping[str,
     return validate_rule(rule, where)
 
 
-def parse_rules(data: Mapping[str, Any], base: Mapping[str, Rule] | None = None) -> dict[str, Rule]:
-    """Apply a parsed rules document to ``base`` (the defaults); disabled rules removed."""
+def parse_rules(data: Mapping[str, Any], base: Mapping[str, Rule] | None = None, *,
+                include_disabled: bool = False) -> dict[str, Rule]:
+    """Apply a parsed rules document to ``base`` (the defaults); disabled rules removed
+    unless ``include_disabled`` (consumers.health keeps their levels for colours)."""
     rules = dict(default_rules() if base is None else base)
     for key in data:
         if key not in _TOP_KEYS:
@@ -419,11 +432,13 @@ def parse_rules(data: Mapping[str, Any], base: Mapping[str, Rule] | None = None)
                 rules[name] = replace(rule, **{_attr(k): v for k, v in defaults.items()})
     for name, table in rule_tables.items():
         rules[name] = _parse_rule(name, table, rules.get(name), defaults)
-    return {name: rule for name, rule in rules.items() if rule.enabled}
+    return {name: rule for name, rule in rules.items() if rule.enabled or include_disabled}
 
 
-def load_rules(path: str | Path | None = None, *, silent_after: float | None = None) -> dict[str, Rule]:
-    """Defaults, overridden by ``path`` (TOML) and then by ``--silent-after``.
+def load_rules(path: str | Path | None = None, *, silent_after: float | None = None,
+               include_disabled: bool = False) -> dict[str, Rule]:
+    """Defaults, overridden by ``path`` (TOML) and then by ``--silent-after``; rules with
+    ``enabled = false`` left out unless ``include_disabled``.
 
     Raises RulesError (one line, naming the file and key) for any bad content, and
     FileNotFoundError for a missing file.
@@ -437,7 +452,7 @@ def load_rules(path: str | Path | None = None, *, silent_after: float | None = N
             except tomllib.TOMLDecodeError as exc:
                 raise RulesError(f"{path}: invalid TOML: {exc}") from None
         try:
-            rules = parse_rules(data, rules)
+            rules = parse_rules(data, rules, include_disabled=True)
         except RulesError as exc:
             raise RulesError(f"{path}: {exc}") from None
     if silent_after is not None:
@@ -445,7 +460,7 @@ def load_rules(path: str | Path | None = None, *, silent_after: float | None = N
             if rule.kind == "silent" and name == SILENT_RULE:
                 rules[name] = validate_rule(replace(rule, warning=silent_after, clear=None,
                                                     critical_clear=None))
-    return {name: rule for name, rule in rules.items() if rule.enabled}
+    return {name: rule for name, rule in rules.items() if rule.enabled or include_disabled}
 
 
 def rules_table(rules: Mapping[str, Rule]) -> list[dict[str, Any]]:
