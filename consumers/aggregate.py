@@ -192,6 +192,7 @@ def write_atomic(path: str | os.PathLike[str], text: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bus.cli import add_subscriber_arguments, positive_float, run_name
     from bus.endpoints import DEFAULT_PUBLISH, ENV_PUBLISH
+    from consumers.fleet import add_fleet_arguments
     from consumers.health import add_rules_argument
 
     add_subscriber_arguments(parser)
@@ -207,10 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write the full state as JSON to F, atomically, at each summary")
     parser.add_argument("--interval", metavar="S", type=positive_float, default=MIN_INTERVAL_S,
                         help=f"seconds between summaries (default and minimum {MIN_INTERVAL_S})")
-    parser.add_argument("--stale-after", metavar="S", type=positive_float, default=DEFAULT_STALE_AFTER_S,
-                        help=f"a worker silent this long is stale, left out of rollups (default {DEFAULT_STALE_AFTER_S:g})")
-    parser.add_argument("--forget-after", metavar="S", type=positive_float, default=DEFAULT_FORGET_AFTER_S,
-                        help=f"forget a worker silent this long (default {DEFAULT_FORGET_AFTER_S:g})")
+    add_fleet_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

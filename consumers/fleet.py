@@ -28,6 +28,7 @@ reference to any payload; a worker silent for ``forget_after`` seconds is forgot
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
@@ -119,6 +120,21 @@ class Worker:
 
     def latest(self, metric: str) -> float | None:
         return self.history.latest(metric)
+
+
+def add_fleet_arguments(parser: argparse.ArgumentParser, *, stale: bool = True,
+                        forget_after: float = DEFAULT_FORGET_AFTER_S) -> None:
+    """``--stale-after`` and ``--forget-after``, the same for every view over a fleet."""
+    from bus.cli import positive_float
+
+    if stale:
+        parser.add_argument("--stale-after", metavar="S", type=positive_float,
+                            default=DEFAULT_STALE_AFTER_S,
+                            help="a worker silent this long is stale: STALE on screens, left "
+                                 f"out of rollups (default {DEFAULT_STALE_AFTER_S:g})")
+    parser.add_argument("--forget-after", metavar="S", type=positive_float, default=forget_after,
+                        help="forget a worker (its row, its series, its accounting) after this "
+                             f"long without a word (default {forget_after:g})")
 
 
 def worker_order(worker: WorkerId) -> tuple[int, int, str]:

@@ -16,10 +16,8 @@ import logging
 import time
 from typing import Any
 
-from consumers.fleet import DEFAULT_STALE_AFTER_S
 from consumers.monitor_state import MonitorState
 from consumers.monitor_view import MonitorView
-from consumers.runtime import DEFAULT_FORGET_AFTER_S
 
 log = logging.getLogger("trainbus.monitor")
 
@@ -53,6 +51,7 @@ class StateLogHandler(logging.Handler):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bus.cli import add_subscriber_arguments, positive_float, run_name
+    from consumers.fleet import add_fleet_arguments
     from consumers.health import add_rules_argument
 
     add_subscriber_arguments(parser)
@@ -64,10 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="collect for --wait seconds, print one frame and exit (scripts, non-TTY)")
     parser.add_argument("--wait", metavar="S", type=positive_float, default=DEFAULT_WAIT_S,
                         help=f"with --once: seconds to collect before printing (default {DEFAULT_WAIT_S:g})")
-    parser.add_argument("--stale-after", metavar="S", type=positive_float, default=DEFAULT_STALE_AFTER_S,
-                        help=f"a worker silent this long is STALE (default {DEFAULT_STALE_AFTER_S:g})")
-    parser.add_argument("--forget-after", metavar="S", type=positive_float, default=DEFAULT_FORGET_AFTER_S,
-                        help=f"drop a worker's row after this long without a word (default {DEFAULT_FORGET_AFTER_S:g})")
+    add_fleet_arguments(parser)
     parser.add_argument("--width", metavar="COLS", type=int, default=None,
                         help="render at this many columns (default: the terminal's; $COLUMNS or 80 when not a terminal)")
 

@@ -58,7 +58,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bus import cli, endpoints, protocol
-from consumers.fleet import Fleet, WorkerKey
+from consumers.fleet import Fleet, WorkerKey, add_fleet_arguments
 from consumers.runtime import StreamBook, Subscriber, install_stop_handlers
 
 log = logging.getLogger(__name__)
@@ -262,10 +262,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="allow a non-loopback --bind (plain HTTP, no authentication)")
     parser.add_argument("--run", type=cli.run_name, metavar="R", help="export only this run")
-    parser.add_argument("--forget-after", metavar="S", type=cli.positive_float,
-                        default=DEFAULT_FORGET_AFTER_S,
-                        help="drop the series of a worker silent this long "
-                             f"(default {DEFAULT_FORGET_AFTER_S:g})")
+    add_fleet_arguments(parser, stale=False, forget_after=DEFAULT_FORGET_AFTER_S)
     cli.add_subscriber_arguments(parser)
 
 
