@@ -26,9 +26,15 @@ no controlling terminal, so Ctrl-C reaches only this process, which then stops t
 children in reverse start order: monitor first so its final frame is printed, the daemon
 last so no consumer sees the bus vanish). Each gets SIGTERM; whatever is still alive after
 ``STOP_GRACE_S`` gets SIGKILL, and every group is swept with SIGKILL once its leader has
-exited (catching e.g. a training worker whose parent died). On Linux the children also get SIGTERM from the
-kernel if this process dies without cleaning up (PR_SET_PDEATHSIG). The demo ends on
-Ctrl-C/SIGTERM, after ``--duration`` seconds, or when the monitor or the daemon exits.
+exited (catching e.g. a training worker whose parent died). On Linux the children also get
+SIGTERM from the kernel if this process dies without cleaning up (PR_SET_PDEATHSIG). The
+demo ends on Ctrl-C/SIGTERM, after ``--duration`` seconds, or when the monitor or the
+daemon exits. The supervision itself is :mod:`bus.supervise`, shared with ``trainbus train``.
+
+Missing parts fail loudly: the demo starts each component as ``trainbus <command>``, whose
+module bus/ names only as a string (bus.cli.COMMANDS), so before starting anything it
+checks that every such module exists and otherwise exits 1 with one line naming it, rather
+than running on without it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,6 @@ import os
 import re
 import secrets
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -49,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from bus import endpoints
+from bus import endpoints, supervise
 from bus.lifecycle import install_stop_handlers
 
 log = logging.getLogger("trainbus.demo")
@@ -62,53 +67,6 @@ DAEMON_READY_TIMEOUT_S = 15.0
 TRAIN_STARTUP_S = 20.0
 PUBLISH_RATE_HZ = 20.0
 _READY = re.compile(r"ready publish=(\S+) subscribe=(\S+) snapshot=(\S+)")
-
-
-def _become_subreaper() -> bool:
-    """Linux: adopt orphaned descendants (e.g. a training worker's helper processes whose
-    parent has exited), so that this process can reap them and know they are gone instead
-    of leaving zombies for whatever PID 1 the machine has."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER = 36
-    except Exception:
-        return False
-
-
-def _group_exists(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _reap_adopted() -> None:
-    """Collect exit statuses of adopted orphans (never blocks)."""
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
-def _set_pdeathsig() -> None:
-    """In the child before exec: ask Linux for SIGTERM when the demo process dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-    except Exception:  # not Linux, or no libc by that name: cleanup still happens normally
-        pass
 
 
 @dataclass
@@ -150,7 +108,7 @@ class Supervisor:
         popen = subprocess.Popen(
             [sys.executable, "-m", "bus.cli", *argv], stdin=subprocess.DEVNULL, stdout=stdout,
             stderr=err, env=self.env, start_new_session=True,
-            preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+            preexec_fn=supervise.set_parent_death_signal if sys.platform.startswith("linux") else None)
         child = Child(name, popen, log_path, files)
         self.children.append(child)
         print(f"trainbus demo: started {name} (pid {popen.pid}), log {log_path}", file=sys.stderr, flush=True)
@@ -159,50 +117,18 @@ class Supervisor:
     def stop_all(self, grace_s: float = STOP_GRACE_S) -> None:
         """Stop children in reverse start order (monitor first, daemon last, so consumers
         never see the bus vanish under them): SIGTERM, wait within one shared grace period
-        (at least a second each), then SIGKILL whatever is left in every group; reap all."""
-        deadline = time.monotonic() + grace_s
-        for child in reversed(self.children):
-            if child.alive():
-                try:
-                    child.popen.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-                _wait(child, max(1.0, deadline - time.monotonic()))
+        (at least a second each), then SIGKILL whatever is left; then empty every child's
+        process group (anything a child left behind in it) and reap all."""
+        supervise.stop_all([supervise.PopenChild(c.name, c.popen) for c in reversed(self.children)],
+                           grace_s, in_order=True, min_wait_s=1.0)
         for child in self.children:
-            try:
-                os.killpg(child.pid, signal.SIGKILL)  # stragglers, and anything left in the group
-            except (ProcessLookupError, PermissionError):
-                pass
-            try:
-                child.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                log.error("%s (pid %d) did not die after SIGKILL", child.name, child.pid)
             for f in child.files:
                 f.close()
-        # Wait (bounded) until every group is really empty, reaping adopted orphans.
-        deadline = time.monotonic() + 5.0
-        while True:
-            _reap_adopted()
-            left = [c for c in self.children if _group_exists(c.pid)]
-            if not left:
-                return
-            if time.monotonic() > deadline:
-                log.error("process group(s) still present after SIGKILL: %s",
-                          ", ".join(f"{c.name} ({c.pid})" for c in left))
-                return
-            for c in left:
-                try:
-                    os.killpg(c.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-            time.sleep(0.02)
-
-
-def _wait(child: Child, timeout: float) -> None:
-    try:
-        child.popen.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
+        left = supervise.kill_groups([c.pid for c in self.children])
+        if left:
+            names = {c.pid: c.name for c in self.children}
+            log.error("process group(s) still present after SIGKILL: %s",
+                      ", ".join(f"{names[pgid]} ({pgid})" for pgid in left))
 
 
 def _wait_ready(child: Child, out_path: Path, stop: object, timeout: float) -> dict[str, str] | None:
@@ -222,9 +148,8 @@ def _wait_ready(child: Child, out_path: Path, stop: object, timeout: float) -> d
 
 
 def _can_train() -> tuple[bool, str]:
-    """Whether `trainbus train` can run here (torch importable, module present)."""
-    if importlib.util.find_spec("emitter.train") is None:
-        return False, "emitter.train is not installed"
+    """Whether `trainbus train` can run here: torch importable (a console-only install has
+    no torch, and then the synthetic publisher stands in, with a note)."""
     try:
         import torch  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install raising something else
@@ -232,11 +157,33 @@ def _can_train() -> tuple[bool, str]:
     return True, ""
 
 
-def _alerting_available() -> bool:
-    try:
-        return importlib.util.find_spec("consumers.alerting.process") is not None
-    except (ImportError, ValueError):
-        return False
+def demo_commands(source: str) -> list[str]:
+    """The trainbus commands the demo may start for ``--source`` (train may fall back to
+    publish at any time, so both are needed unless publish was asked for)."""
+    producers = ["publish"] if source == "publish" else ["train", "publish"]
+    return ["daemon", *producers, "aggregate", "alert", "monitor"]
+
+
+def missing_components(commands: list[str]) -> list[str]:
+    """Each command whose module (from the CLI registry, by name: bus/ imports no
+    emitter/consumers module) cannot be found, as ``"<command> (<module>)"``.
+
+    Why check before starting anything: every child is ``trainbus <command>`` in its own
+    process, so a renamed or missing module would only show as one child dying into its log
+    file while the demo ran on without it, looking healthy.
+    """
+    from bus.cli import COMMANDS
+
+    missing = []
+    for command in commands:
+        module = COMMANDS.get(command, ("<not registered>", ""))[0]
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a parent package is missing, or a bad name
+            found = False
+        if not found:
+            missing.append(f"{command} ({module})")
+    return missing
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -265,8 +212,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    missing = missing_components(demo_commands(args.source))
+    if missing:
+        print(f"trainbus demo: error: component module missing: {', '.join(missing)} "
+              "(a broken install or a renamed module; reinstall with pip install -e .)",
+              file=sys.stderr)
+        return 1
     stop = install_stop_handlers()
-    _become_subreaper()
+    supervise.become_subreaper()
     if args.log_dir:
         log_dir = Path(args.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -313,11 +266,7 @@ def run(args: argparse.Namespace) -> int:
         producer = _start_producer(sup, args, run_id, use_train)
         producer_started = time.monotonic()
         sup.start("aggregate", ["aggregate"])
-        if _alerting_available():
-            sup.start("alert", ["alert", "--log", str(log_dir / "alerts.jsonl")])
-        else:
-            print("trainbus demo: note: consumers.alerting.process not installed; no alerting process",
-                  file=sys.stderr, flush=True)
+        sup.start("alert", ["alert", "--log", str(log_dir / "alerts.jsonl")])
         monitor = sup.start("monitor", ["monitor", "--refresh", f"{args.refresh:g}"],
                             stdout_to_log=False)
 

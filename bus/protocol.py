@@ -38,6 +38,16 @@ _UNPACK_LIMITS = {
     "max_ext_len": 0,
 }
 
+#: Deepest nesting of maps/lists an accepted payload may have (the payload map is level 1),
+#: rejected as ``too_deep``. msgpack decodes up to ~1000 levels, but consumers render fields
+#: recursively (JSON lines, exporters): a valid event with an extra field 500 levels deep
+#: raised RecursionError in ``trainbus tail --json``. trainbus's own events nest 3 levels at
+#: most (ppo_summary metrics), so 32 leaves forward-compatible extras ample room. Part of
+#: :func:`decode` so that every reader of the protocol (consumers, tools reading a
+#: recording, outside clients following the README) applies the same limit.
+MAX_NESTING = 32
+_CONTAINER_TYPES = frozenset((dict, list))
+
 PPO_UPDATE = "ppo_update"
 HEARTBEAT = "heartbeat"
 ALERT = "alert"
@@ -56,6 +66,12 @@ ENVELOPE_FIELDS = ("v", "type", "run", "worker", "session", "seq", "ts")
 PPO_UPDATE_REQUIRED: dict[str, str] = {
     "update": "int",
     "env_steps": "int",
+    # grad_norm: the MEAN over the update's optimizer steps (one per minibatch) of each
+    # step's L2 norm of the whole gradient (every parameter handed to clipping, as one
+    # vector) AFTER clipping, i.e. of what the optimizer applied; a non-finite step counts
+    # (NaN mean) even when its step was skipped. pre_clip_grad_norm: the same mean of the
+    # norms BEFORE clipping. That is what emitter.gradients.UpdateStats and the SB3
+    # callback compute; a producer with one step per update sends that step's norms.
     "grad_norm": "float",
     "pre_clip_grad_norm": "float",
     "max_grad_norm": "float",
@@ -82,11 +98,26 @@ PPO_UPDATE_OPTIONAL: dict[str, str] = {
     # additive, so v1 consumers that predate it keep it as an unknown extra field.
     "pre_clip_grad_norm_max": "float",
 }
+#: Optional ppo_update fields that describe the update rather than measure its health: no
+#: history, no fleet rollup, no alert rule reads them (consumers.history and
+#: consumers.alerting.rules take their metrics from PPO_UPDATE_OPTIONAL only).
+PPO_UPDATE_INFO: dict[str, str] = {
+    # From the SB3 callback: the optimizer steps the update's gradient-norm means are taken
+    # over (fewer than planned when target_kl stopped the epochs early), and the epochs begun.
+    "optimizer_steps": "int",
+    "epochs": "int",
+    # From `trainbus publish`: the story a synthetic stream tells (healthy, rising, explode,
+    # nan), so a recording or a tail never passes synthetic numbers off as training.
+    "synthetic": "str",
+}
 
 #: Per type: (required fields, optional fields). Types not listed here carry only the
 #: envelope check, so a newer producer's new type passes through older consumers.
+#: These tables are exactly what trainbus's own producers send, no more and no less
+#: (tests/test_contract.py runs every producer for real and compares), and the README's
+#: event tables list the same fields (the same test compares those too).
 SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    PPO_UPDATE: (PPO_UPDATE_REQUIRED, PPO_UPDATE_OPTIONAL),
+    PPO_UPDATE: (PPO_UPDATE_REQUIRED, {**PPO_UPDATE_OPTIONAL, **PPO_UPDATE_INFO}),
     HEARTBEAT: (
         {"interval_s": "float"},
         # closing: true only on an emitter's last heartbeat (sent by close() after its last
@@ -98,21 +129,42 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     ),
     ALERT: (
         {"state": "str", "severity": "str", "rule": "str", "metric": "str", "since": "float"},
+        # transition: which change of the alert this notification announces (one of
+        # ALERT_TRANSITIONS); state alone cannot tell fired from escalated or a reminder.
         {"value": "float", "threshold": "float", "reminder": "bool", "summary": "str",
-         "source_worker": "str"},
+         "transition": "str"},
     ),
     PPO_SUMMARY: (
+        # metrics: metric name -> a map with the fields of PPO_SUMMARY_METRIC_FIELDS.
         {"workers_live": "int", "metrics": "map"},
         {"workers_stale": "int", "updates": "int"},
     ),
     BUS_STATS: (
         {"uptime_s": "float", "forwarded": "int", "rejected": "map", "streams_cached": "int"},
-        {"rate_eps": "float", "subscribers": "int"},
+        # snapshots_served: snapshot requests answered; streams_evicted: streams dropped
+        # from the last-value cache (LRU bound or idle); auth_denied: CURVE clients refused
+        # by the ZAP handler (always 0 without --curve).
+        {"rate_eps": "float", "snapshots_served": "int", "streams_evicted": "int",
+         "auth_denied": "int"},
     ),
+}
+
+#: The entry of one metric in a ppo_summary's ``metrics`` map (consumers.aggregate.rollup).
+#: ``mean``/``min``/``max`` are over the finite latest values (NaN when none is finite);
+#: ``worst_worker``/``worst_value`` are nil when no worker is judged worst; ``nonfinite``
+#: counts workers whose latest value is NaN/inf; ``workers`` those that reported the metric.
+#: Not checked by :func:`decode` (a summary is a consumer's view, not a measurement), but
+#: tests/test_contract.py holds the aggregator to it.
+PPO_SUMMARY_METRIC_FIELDS: dict[str, str] = {
+    "mean": "float", "min": "float", "max": "float", "worst_worker": "int",
+    "worst_value": "float", "nonfinite": "int", "workers": "int",
 }
 
 ALERT_STATES = ("pending", "firing", "resolved")
 ALERT_SEVERITIES = ("warning", "critical")
+#: Values of an alert's ``transition`` (consumers.alerting.engine names the same ones).
+ALERT_TRANSITIONS = ("pending", "cancelled", "fired", "escalated", "deescalated", "resolved",
+                     "reminder")
 
 
 class ProtocolError(ValueError):
@@ -288,7 +340,9 @@ class _FastSchema:
         self.required_ints = operator.itemgetter(*ints) if len(ints) > 1 else None
         self.optional_floats = frozenset(n for n, k in optional.items() if k == "float")
         self.optional_ints = frozenset(n for n, k in optional.items() if k == "int")
-        self.optional_other = frozenset(optional) - self.optional_floats - self.optional_ints
+        self.optional_strs = frozenset(n for n, k in optional.items() if k == "str")
+        self.optional_other = (frozenset(optional) - self.optional_floats - self.optional_ints
+                               - self.optional_strs)
         self.simple = (len(floats) + len(ints) == len(required) and self.required_floats is not None
                        and self.required_ints is not None and not self.optional_other)
 
@@ -304,13 +358,19 @@ class _FastSchema:
         if present and not set(map(type, map(payload.__getitem__, present))) <= _FLOAT_OR_NONE:
             return False
         present = payload.keys() & self.optional_ints
-        return not present or set(map(type, map(payload.__getitem__, present))) <= _INT_OR_NONE
+        if present and not set(map(type, map(payload.__getitem__, present))) <= _INT_OR_NONE:
+            return False
+        if not self.optional_strs:
+            return True
+        present = payload.keys() & self.optional_strs
+        return not present or set(map(type, map(payload.__getitem__, present))) <= _STR_OR_NONE
 
 
 _JUST_FLOAT = {float}
 _JUST_INT = {int}
 _FLOAT_OR_NONE = {float, type(None)}
 _INT_OR_NONE = {int, type(None)}
+_STR_OR_NONE = {str, type(None)}
 _FAST_SCHEMAS = {name: _FastSchema(*schema) for name, schema in SCHEMAS.items()}
 
 
@@ -356,7 +416,8 @@ def decode(frames: list[bytes] | tuple[bytes, ...],
     """Decode and validate one received message, or raise :class:`ProtocolError`.
 
     Checks, in order: frame count, size, topic syntax, msgpack, map with string keys,
-    version, envelope types, topic/payload agreement, then the type's schema.
+    version, envelope types, topic/payload agreement, the type's schema, then nesting
+    depth (``too_deep``, see :data:`MAX_NESTING`).
     """
     if len(frames) != 2:
         raise ProtocolError("bad_frame_count", f"expected 2 frames, got {len(frames)}")
@@ -415,8 +476,27 @@ def decode(frames: list[bytes] | tuple[bytes, ...],
     if not isinstance(ts, float):
         payload["ts"] = ts = float(ts)
     validate_fields(payload, topic.type)
+    if nesting_exceeds(payload):
+        raise ProtocolError("too_deep", f"maps/lists nested deeper than {MAX_NESTING} levels")
     return Event(topic.type, topic.run, topic.worker, payload["session"], payload["seq"], ts,
                  payload, (topic_bytes, payload_bytes))
+
+
+def nesting_exceeds(fields: dict[str, Any], limit: int = MAX_NESTING) -> bool:
+    """True when maps/lists in ``fields`` nest deeper than ``limit`` levels (iterative, so
+    the check itself cannot hit the recursion limit; flat events cost one C-level scan)."""
+    if _CONTAINER_TYPES.isdisjoint(map(type, fields.values())):
+        return False
+    stack: list[tuple[Any, int]] = [(fields, 1)]
+    while stack:
+        value, depth = stack.pop()
+        children = value.values() if isinstance(value, dict) else value
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 # --------------------------------------------------------------------------- JSON

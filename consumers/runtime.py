@@ -64,29 +64,6 @@ RETIRED_SESSIONS = 4
 FORGET_EVERY_S = 1.0
 #: Types a worker produces; only these make a (run, worker) stream "alive" or "restarted".
 PRODUCER_TYPES = (protocol.PPO_UPDATE, protocol.HEARTBEAT)
-#: Deepest nesting of maps/lists an accepted event may have (the payload map is level 1).
-#: msgpack decodes up to ~1000 levels, but consumers render fields recursively (JSON lines,
-#: exporters): a valid event with an extra field 500 levels deep raised RecursionError in
-#: ``trainbus tail --json``. Real events nest 3 levels at most (ppo_summary metrics).
-MAX_NESTING = 32
-_CONTAINER_TYPES = frozenset((dict, list))
-
-
-def nesting_exceeds(fields: dict[str, Any], limit: int = MAX_NESTING) -> bool:
-    """True when maps/lists in ``fields`` nest deeper than ``limit`` levels (iterative, so
-    the check itself cannot hit the recursion limit; flat events cost one C-level scan)."""
-    if _CONTAINER_TYPES.isdisjoint(map(type, fields.values())):
-        return False
-    stack: list[tuple[Any, int]] = [(fields, 1)]
-    while stack:
-        value, depth = stack.pop()
-        children = value.values() if isinstance(value, dict) else value
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > limit:
-                    return True
-                stack.append((child, depth + 1))
-    return False
 
 
 def is_closing_heartbeat(event: protocol.Event) -> bool:
@@ -405,9 +382,6 @@ class Subscriber:
             event = protocol.decode(frames, self.max_bytes)
         except protocol.ProtocolError as exc:
             self._reject(exc.reason, exc.detail)
-            return None
-        if nesting_exceeds(event.fields):
-            self._reject("too_deep", f"maps/lists nested deeper than {MAX_NESTING} levels")
             return None
         if (self.types is not None or self.run is not None or self.worker is not None) and \
                 not protocol.matches(event, self.types, self.run, self.worker):

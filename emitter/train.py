@@ -43,14 +43,13 @@ import secrets
 import signal
 import sys
 import threading
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bus import endpoints
+from bus import endpoints, supervise
 from bus.cli import (
     UsageError,
     add_publisher_arguments,
@@ -124,21 +123,6 @@ class WorkerSpec:
 # ---------------------------------------------------------------------------- worker side
 
 
-def _set_parent_death_signal() -> None:
-    """Linux: have the kernel send SIGTERM to this worker if its parent dies (even by
-    SIGKILL), so a killed ``trainbus train`` leaves no orphan training on."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of one worker process (runs in the spawned child)."""
     stop = threading.Event()
@@ -156,7 +140,7 @@ def worker_main(spec: WorkerSpec) -> None:
     # The parent blocked these signals around start(); the mask survives exec. Unblocking
     # now delivers anything that arrived during start-up to the handler above.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    _set_parent_death_signal()
+    supervise.set_parent_death_signal()  # SIGTERM if `trainbus train` dies, even by SIGKILL
     if os.getppid() != spec.parent_pid:  # orphaned before prctl took effect
         return
 
@@ -285,14 +269,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _stop_all(procs: list[multiprocessing.process.BaseProcess]) -> None:
     """SIGTERM every live worker, wait up to STOP_GRACE_S for all, then SIGKILL the rest."""
-    for p in procs:
-        if p.exitcode is None:
-            p.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.exitcode is None:
-            log.warning("%s did not stop within %.0fs; killing it", p.name, STOP_GRACE_S)
-            p.kill()
-            p.join(timeout=5.0)
+
+    def killing(child: supervise.Stoppable) -> None:
+        log.warning("%s did not stop within %.0fs; killing it", child.name, STOP_GRACE_S)
+
+    supervise.stop_all([supervise.MultiprocessingChild(p) for p in procs], STOP_GRACE_S,
+                       on_kill=killing)

@@ -5,8 +5,8 @@ Why real processes: the claim is about the daemon and the consumer processes an 
 runs, under a flood of garbage from anything that can reach the publish port. So the
 frames go through a real daemon into a real ``trainbus tail --json`` and an in-process
 Subscriber; the expected reason of every frame is worked out here (the daemon's cheap
-structural checks, then :func:`bus.protocol.decode` and the runtime's nesting guard, as
-the oracle) and compared, reason by reason, with what each process counted.
+structural checks, then :func:`bus.protocol.decode` and an independent depth count against
+its nesting limit, as the oracle) and compared, reason by reason, with what each process counted.
 
 Not counted by reason, by design: a frame over ZeroMQ's MAXMSGSIZE (16x ``--max-msg-size``)
 never reaches the daemon's code — ZeroMQ drops the sender's connection instead, so a
@@ -31,8 +31,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from bus import protocol
+from bus.protocol import MAX_NESTING
 from bus.publisher import EventPublisher
-from consumers.runtime import MAX_NESTING, Subscriber
+from consumers.runtime import Subscriber
 from tests.conftest import ProcessGroup, ppo_payload, start_daemon, trainbus_cmd, wait_for
 
 MAX = protocol.DEFAULT_MAX_MESSAGE_BYTES
@@ -142,8 +143,8 @@ def fixed_corpus() -> list[tuple[str, Frames]]:
         ("ext type", [topic, b"\x81\xa1v" + msgpack.packb(msgpack.ExtType(5, b"abcd"))]),
         ("timestamp ext", [topic, b"\x81\xa1t\xd6\xff\x00\x00\x00\x01"]),
         ("nesting 2000 deep", [topic, with_extra_raw(good, "deep", nested_list(2000))]),
-        # These two decode: only the runtime's nesting guard stops them (own sessions, so
-        # no other message can make them look like duplicates).
+        # These two unpack as msgpack: only decode's nesting limit stops them (own sessions,
+        # so no other message can make them look like duplicates).
         ("nesting 600 deep", [topic, with_extra_raw({**good, "session": "deep600"}, "deep",
                                                     nested_list(600))]),
         ("nesting 40 deep", [topic, with_extra_raw({**good, "session": "deep40"}, "deep",

@@ -113,6 +113,37 @@ def test_hostile_sizes_are_bounded_by_unpacker_limits():
     assert reason_of([b"ppo_update/r/0", deep]) == "not_msgpack"
 
 
+def nested(depth: int) -> list | int:
+    """``depth`` levels of one-element lists around 1 (the payload map adds one more)."""
+    value: list | int = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_nesting_deeper_than_the_limit_is_rejected_by_decode():
+    # The payload map is level 1, so an extra field may hold MAX_NESTING - 1 levels.
+    ok = ppo_payload(deep=nested(protocol.MAX_NESTING - 1))
+    assert decode(frames_of(ok)).fields["deep"] == ok["deep"]
+    too_deep = ppo_payload(deep=nested(protocol.MAX_NESTING))
+    assert reason_of(frames_of(too_deep)) == "too_deep"
+    deep_map: dict = {"x": 1}
+    for _ in range(protocol.MAX_NESTING):
+        deep_map = {"m": deep_map}
+    assert reason_of(frames_of(ppo_payload(deep=deep_map))) == "too_deep"
+    # The schema is judged first: a broken field names itself even in a deep payload.
+    assert reason_of(frames_of(ppo_payload(deep=nested(100), grad_norm="x"))) == "bad_type:grad_norm"
+    assert protocol.nesting_exceeds({"a": nested(protocol.MAX_NESTING)})
+    assert not protocol.nesting_exceeds({"a": nested(protocol.MAX_NESTING - 1), "b": 1})
+
+
+def test_optional_str_fields_are_type_checked_on_the_fast_path_too():
+    assert decode(frames_of(ppo_payload(synthetic="healthy"))).fields["synthetic"] == "healthy"
+    assert decode(frames_of(ppo_payload(synthetic=None))).fields["synthetic"] is None
+    assert reason_of(frames_of(ppo_payload(synthetic=3))) == "bad_type:synthetic"
+    assert reason_of(frames_of(ppo_payload(optimizer_steps=1.5))) == "bad_type:optimizer_steps"
+
+
 def test_alert_schema_checks_state_and_severity():
     alert = {"v": 1, "type": "alert", "run": "r", "worker": 0, "session": "s", "seq": 0,
              "ts": 1.0, "state": "firing", "severity": "critical", "rule": "grad_norm_high",
