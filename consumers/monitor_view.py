@@ -459,17 +459,11 @@ class MonitorView:
         text.append(f"lost {state.lost}", style="yellow" if state.lost else "")
         text.append(" · ")
         text.append(f"rejected {state.rejected}", style="yellow" if state.rejected else "")
-        if state.alerts:
-            pass
-        elif state.alert_events:
-            text.append(" · alerts: none firing")
-        else:
-            text.append(" · alerts: no alerting process seen")
+        if not state.alerts:  # firing ones have their own panel
+            text.append(" · alerts: none firing" if state.alert_events
+                        else " · alerts: no alerting process seen")
         if state.bus_stats is not None:
-            stats = state.bus_stats[0]
-            subs = stats.get("subscribers")
-            text.append(f" · daemon fwd {stats.get('forwarded', 0):,}"
-                        + (f", {subs} subscriber(s)" if subs is not None else ""))
+            text.append(f" · daemon fwd {state.bus_stats[0].get('forwarded', 0):,}")
         if state.endpoint:
             text.append(f" · {state.endpoint}")
         if self.refresh_hz is not None:

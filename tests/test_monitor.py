@@ -263,7 +263,7 @@ def test_memory_is_bounded():
 def test_filtered_and_bus_stats_events():
     state = connected_state()
     state.ingest(other("bus_stats", run="daemon", uptime_s=1.0, forwarded=42, rejected={},
-                       streams_cached=1, subscribers=2), NOW)
+                       streams_cached=1), NOW)
     state.ingest(update(worker="all"), NOW)  # run-level ppo_update: no worker row
     assert state.rows == {} and state.bus_stats is not None
     assert state.events_by_type == {"bus_stats": 1, "ppo_update": 1}
