@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "alert": ("consumers.alerting.process", "Prometheus-style alerting on gradient and PPO health"),
     "record": ("consumers.record", "append every event to a crash-safe recording"),
     "prometheus": ("consumers.prometheus_exporter", "serve /metrics for Prometheus scrapes"),
+    "web": ("consumers.web", "live view in a browser: pushed (SSE), loopback by default"),
 }
 
 

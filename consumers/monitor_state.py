@@ -32,6 +32,7 @@ the screen when rows do not fit.
 
 from __future__ import annotations
 
+import math
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -238,6 +239,27 @@ class MonitorState:
 
     def spike_verdict(self, row: Worker, spike: Spike) -> tuple[str, float | None]:
         return self.fleet.spike_verdict(row, spike)
+
+    def value_health(self, row: Worker, metric: str) -> str:
+        """Health of a row's latest value of ``metric``, as every view colours it:
+        "unknown" (not measured), "nonfinite" (NaN/inf, always the red alarm), the
+        HealthTable's ok/warning/critical for a metric with thresholds, else the spike
+        rule's severity for a metric judged by one ("" while it has too little history),
+        else "" (no judgement: return, sps). One function, so the console and the web page
+        can never colour the same value differently."""
+        value = row.history.latest(metric)
+        if value is None:
+            return "unknown"
+        if not math.isfinite(value):
+            return "nonfinite"
+        health = self.fleet.health
+        if health.for_metric(metric):
+            return health.health(metric, value)
+        spike = self.fleet.spike_for(metric)
+        if spike is not None:
+            severity, ratio = self.fleet.spike_verdict(row, spike)
+            return "" if ratio is None else severity
+        return ""
 
     def row_status(self, row: Worker, now: float) -> str:
         return self.fleet.status(row, now)

@@ -125,19 +125,12 @@ def fmt_ratio(ratio: float) -> str:
 
 def row_value_style(state: MonitorState, row: Worker, metric: str) -> str:
     """Colour of a row's latest value of ``metric`` (see the module docstring): threshold
-    health, else spike severity (plain while there is too little history), else none."""
-    value = row.history.latest(metric)
-    if value is None:
-        return HEALTH_STYLE["unknown"]
-    if not math.isfinite(value):
+    health, else spike severity (plain while there is too little history), else none.
+    The judgement is :meth:`MonitorState.value_health`, shared with the web view."""
+    health = state.value_health(row, metric)
+    if health == "nonfinite":
         return NONFINITE_STYLE
-    if state.health.for_metric(metric):
-        return HEALTH_STYLE[state.metric_health(metric, value)]
-    spike = state.spike_for(metric)
-    if spike is not None:
-        severity, ratio = state.spike_verdict(row, spike)
-        return "" if ratio is None else HEALTH_STYLE[severity]
-    return ""
+    return HEALTH_STYLE[health] if health else ""
 
 
 def metric_text(state: MonitorState, metric: str, value: float | None, digits: int = 3) -> Text:
@@ -235,18 +228,25 @@ def tier_for(width: int) -> int:
     return 0
 
 
-def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> dict[str, Text]:
+def status_label(state: MonitorState, row: Worker, now: float, *, with_ratio: bool = True) -> tuple[str, str]:
+    """(status, its label): "warn pre 7.3x" names what decided a warning or critical
+    status and, ``with_ratio``, a spike's factor. Shared with the web view."""
     status, culprit = state.row_verdict(row, now)
-    status_label = STATUS_LABEL[status]
+    label = STATUS_LABEL[status]
     spike = state.spike_named(culprit) if culprit is not None else None
     if spike is not None:
-        # "warn pre 7.3x": which metric spiked, and (where there is room) by how much.
-        status_label += " " + SHORT_METRIC.get(spike.metric, spike.metric)
+        label += " " + SHORT_METRIC.get(spike.metric, spike.metric)
         ratio = state.spike_verdict(row, spike)[1]
-        if tier >= SPIKE_RATIO_TIER and ratio is not None:
-            status_label += " " + fmt_ratio(ratio)
+        if with_ratio and ratio is not None:
+            label += " " + fmt_ratio(ratio)
     elif culprit is not None:
-        status_label += " " + SHORT_METRIC.get(culprit, culprit)
+        label += " " + SHORT_METRIC.get(culprit, culprit)
+    return status, label
+
+
+def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> dict[str, Text]:
+    # "warn pre 7.3x": which metric spiked, and (where there is room) by how much.
+    status, status_label_text = status_label(state, row, now, with_ratio=tier >= SPIKE_RATIO_TIER)
     latest = row.history.latest
     # Restart and (in the narrow layout) loss markers ride next to the worker id, where
     # there is room at any width: "  3 ↻2 d15" = restarted twice, 15 events lost.
@@ -274,7 +274,7 @@ def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> di
         "ts": Text(time.strftime("%H:%M:%S", time.localtime(row.last_ts)) if row.last_ts else MISSING,
                    style="dim"),
         "dropped": Text(str(row.dropped) if row.dropped else "", style="yellow"),
-        "status": Text(status_label, style=STATUS_STYLE[status]),
+        "status": Text(status_label_text, style=STATUS_STYLE[status]),
     }
     return cells
 
