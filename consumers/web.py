@@ -126,7 +126,12 @@ def _clean(obj: Any) -> Any:
 
 
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    """Strict JSON. Values are converted with :func:`num` where they are read; a NaN that
+    slipped through anyway (a new field) costs one more walk, never a crashed push."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        return json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False)
 
 
 def spark_levels(values: list[float]) -> list[int]:
@@ -224,8 +229,8 @@ class WebHub:
         point = [index, fields.get("update")]
         for metric in CHART_METRICS:
             value = fields.get(metric)
-            point.append(float(value) if isinstance(value, int | float) and not isinstance(value, bool)
-                         else None)
+            point.append(num(float(value)) if isinstance(value, int | float)
+                         and not isinstance(value, bool) else None)
         series = self.long.get(key)
         if series is None:
             series = self.long[key] = deque(maxlen=LONG_HISTORY)
@@ -358,7 +363,7 @@ class WebHub:
         if series is None:
             return None
         return {"id": f"{run}/{worker}", "metrics": list(CHART_METRICS),
-                "points": [[num(v) for v in p] for p in series]}
+                "points": list(series)}
 
     def broadcast(self, message: bytes) -> None:
         for client in list(self.clients):

@@ -1,5 +1,5 @@
 // trainbus web: the live page. Every string that came off the bus is set with textContent
-// (never innerHTML), so a run name or alert summary holding markup renders as text.
+// (never as HTML markup), so a run name or alert summary holding markup renders as text.
 // Numbers arrive as JSON; non-finite ones as the strings "nan", "inf", "-inf".
 "use strict";
 
