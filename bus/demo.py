@@ -8,6 +8,8 @@ Starts, as subprocesses::
     trainbus train      --workers N  (or `trainbus publish --workers N --rate 20` without torch)
     trainbus aggregate  ppo_summary rollups, shown as the monitor's fleet row
     trainbus alert      notifications to a file in the log directory
+    trainbus web        the same view in a browser, on http://127.0.0.1:8750/ (or, when
+                        that port is taken, an OS-chosen one); its URL is printed
     trainbus monitor    in the foreground, on this terminal
 
 Why the default endpoints: a newcomer runs ``make demo`` in one terminal and then plain
@@ -67,6 +69,8 @@ DAEMON_READY_TIMEOUT_S = 15.0
 TRAIN_STARTUP_S = 20.0
 PUBLISH_RATE_HZ = 20.0
 _READY = re.compile(r"ready publish=(\S+) subscribe=(\S+) snapshot=(\S+)")
+_WEB_READY = re.compile(r"serving (http://\S+)")
+WEB_READY_TIMEOUT_S = 15.0
 
 
 @dataclass
@@ -161,7 +165,7 @@ def demo_commands(source: str) -> list[str]:
     """The trainbus commands the demo may start for ``--source`` (train may fall back to
     publish at any time, so both are needed unless publish was asked for)."""
     producers = ["publish"] if source == "publish" else ["train", "publish"]
-    return ["daemon", *producers, "aggregate", "alert", "monitor"]
+    return ["daemon", *producers, "aggregate", "alert", "web", "monitor"]
 
 
 def missing_components(commands: list[str]) -> list[str]:
@@ -207,6 +211,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra arguments for trainbus train, e.g. \"--max-grad-norm inf --explode-at 5\"")
     parser.add_argument("--refresh", type=positive_float, default=4.0, metavar="HZ",
                         help="monitor redraws per second (default 4)")
+    parser.add_argument("--web-port", type=int, default=8750, metavar="PORT",
+                        help="port of the web view (default 8750; taken: an OS-chosen one)")
     parser.add_argument("--log-dir", metavar="DIR", default=None,
                         help="where the children's logs go (default: a new temp directory)")
 
@@ -267,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
         producer_started = time.monotonic()
         sup.start("aggregate", ["aggregate"])
         sup.start("alert", ["alert", "--log", str(log_dir / "alerts.jsonl")])
+        _start_web(sup, log_dir, stop, args.web_port)
         monitor = sup.start("monitor", ["monitor", "--refresh", f"{args.refresh:g}"],
                             stdout_to_log=False)
 
@@ -299,6 +306,31 @@ def run(args: argparse.Namespace) -> int:
         print(f"trainbus demo: stopped {len(sup.children)} process(es); logs in {log_dir}",
               file=sys.stderr, flush=True)
     return status
+
+
+def _start_web(sup: Supervisor, log_dir: Path, stop: object, port: int) -> Child | None:
+    """``trainbus web`` on ``port`` (or, when that is taken, on an OS-chosen one); prints
+    its URL. A web view that cannot start is a note, not the end of the demo."""
+    for attempt, try_port in enumerate(dict.fromkeys((port, 0))):
+        out_path = log_dir / f"web{attempt or ''}.out"
+        child = sup.start("web", ["web", "--port", str(try_port)], stdout_path=out_path)
+        deadline = time.monotonic() + WEB_READY_TIMEOUT_S
+        while time.monotonic() < deadline and not stop.is_set():  # type: ignore[attr-defined]
+            try:
+                match = _WEB_READY.search(out_path.read_text(errors="replace"))
+            except FileNotFoundError:
+                match = None
+            if match:
+                print(f"trainbus demo: web view at {match.group(1)}", file=sys.stderr, flush=True)
+                return child
+            if not child.alive():
+                break
+            stop.wait(0.05)  # type: ignore[attr-defined]
+        if stop.is_set():  # type: ignore[attr-defined]
+            return None
+    print(f"trainbus demo: note: the web view did not start; see {log_dir / 'web.log'}",
+          file=sys.stderr, flush=True)
+    return None
 
 
 def _start_producer(sup: Supervisor, args: argparse.Namespace, run_id: str, use_train: bool) -> Child:

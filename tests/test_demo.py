@@ -40,9 +40,10 @@ def test_demo_runs_for_its_duration_and_leaves_no_process(procs, tmp_path):
     assert demo.wait(40) == 0, demo.stderr.text()
     stderr = demo.stderr.text()
     pids = child_pids(stderr)
-    assert {"daemon", "publish", "aggregate", "monitor"} <= set(pids), stderr
+    assert {"daemon", "publish", "aggregate", "web", "monitor"} <= set(pids), stderr
     assert_no_orphans(demo.popen.pid, pids)
     assert f"logs in {tmp_path}" in stderr
+    assert re.search(r"web view at http://127\.0\.0\.1:\d+/", stderr), stderr
     # The monitor's final frame (stdout is not a terminal: Live prints the last frame).
     out = demo.stdout.text()
     assert "Σ demo-test" in out and "2/2 live" in out, out
