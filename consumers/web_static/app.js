@@ -332,6 +332,7 @@
   }
 
   function renderFooter(f) {
+    stats.footer = f;
     const bits = [f.events.toLocaleString() + " events", Math.round(f.rate) + "/s",
       "lost " + f.lost, "rejected " + f.rejected];
     if (!alerts.length) bits.push(f.alert_events ? "alerts: none firing" : "alerts: no alerting process seen");
