@@ -76,7 +76,8 @@ KEEPALIVE_S = 15.0
 #: Points per worker kept for the longer chart (the page's "click for a longer chart").
 LONG_HISTORY = 600
 #: A run with more workers than this gets the fleet view on the page: the distribution
-#: across workers and the worst :data:`WORST_N` rows (as the console keeps the worst rows).
+#: across workers and the worst :data:`WORST_N` rows (fewer when ``--max-rows`` is
+#: smaller), as the console keeps the worst rows.
 DEFAULT_MAX_ROWS = 48
 WORST_N = 16
 ENV_TOKEN = "TRAINBUS_WEB_TOKEN"
@@ -188,6 +189,7 @@ class WebHub:
         self.lock = threading.Lock()
         self.state = state
         self.max_rows = max_rows
+        self.worst_n = min(WORST_N, max_rows)
         self.run = run
         self.long: dict[WorkerKey, deque[list[Any]]] = {}
         self._point_index: dict[WorkerKey, int] = {}
@@ -295,7 +297,7 @@ class WebHub:
                          for m, entry in metrics.items() if isinstance(entry, dict)}
         if len(workers) > self.max_rows:
             out["dist"] = {m: _clean(state.fleet.distribution(run, m, now)) for m in DIST_METRICS}
-            out["worst"] = [f"{w.run}/{w.worker}" for w in state.fleet.worst(run, now, WORST_N)]
+            out["worst"] = [f"{w.run}/{w.worker}" for w in state.fleet.worst(run, now, self.worst_n)]
         return out
 
     def _alerts(self) -> list[dict[str, Any]]:
@@ -317,7 +319,7 @@ class WebHub:
     def init_message(self, now: float, wall: float) -> bytes:
         state = self.state
         rows = [self._row(r, now, wall) for r in state.sorted_rows()]
-        body = {"config": {"max_rows": self.max_rows, "worst_n": WORST_N, "run": self.run,
+        body = {"config": {"max_rows": self.max_rows, "worst_n": self.worst_n, "run": self.run,
                            "stale_after": state.stale_after, "history": LONG_HISTORY},
                 "now": wall, "rows": rows, "fleet": [self._fleet(r, now) for r in state.runs()],
                 "alerts": self._alerts(), **self._banner_footer(now)}

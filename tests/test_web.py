@@ -437,3 +437,48 @@ def test_page_assets_are_package_data():
     assert "<script>" not in html and "style=" not in html  # nothing inline (CSP)
     assert 'web_static/*' in (REPO / "pyproject.toml").read_text()
     assert "innerHTML" not in static["app.js"].decode()
+
+
+@needs_browser
+def test_run_with_more_workers_than_rows_gets_the_fleet_view(procs, daemon, publisher, pages):
+    """--max-rows 4 and 8 workers: the distribution row and the worst workers, not all."""
+    w = start_web(procs, daemon, "--max-rows", "4")
+    page = pages(w.url)
+    p = page.page
+    p.wait_for_selector("#conn:text('connected')", timeout=DEADLINE_MS)
+    for worker in range(8):
+        send_update(publisher, "wide", worker, 1, 12.0 if worker == 5 else 0.3)
+    p.wait_for_selector('tbody[data-run="wide"] tr.dist', timeout=DEADLINE_MS)
+    p.wait_for_selector('tr[data-id="wide/5"].st-critical', timeout=DEADLINE_MS)
+    dist = p.locator('tbody[data-run="wide"] tr.dist').text_content()
+    assert dist.startswith("8 workers") and "grad_norm p50 0.300" in dist and "max 12.000" in dist, dist
+    assert p.locator('tbody[data-run="wide"] tr.worker').count() == 4  # the worst 4
+    assert "4 more worker(s) not shown" in p.locator('tbody[data-run="wide"] tr.more').text_content()
+    page.shot()
+    assert_clean(page, w.url)
+
+
+def test_web_rows_colour_as_the_console_does_under_a_rules_override(tmp_path):
+    """One judgement for both views: a --rules override moves the web row's health exactly
+    where it moves the console's style."""
+    from consumers.health import load_health
+    from consumers.monitor_view import HEALTH_STYLE, NONFINITE_STYLE, row_value_style
+    from tests.test_monitor import update
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text("[rules.grad_norm_high]\nwarning = 0.2\ncritical = 0.4\n")
+    health = load_health(rules)
+    state = MonitorState(health.table, spikes=health.spikes)
+    now = time.monotonic()
+    hub = web.WebHub(state)
+    for seq, grad in enumerate((0.15, 0.3, 0.5, math.nan)):
+        worker = seq
+        hub.ingest([update(worker=worker, seq=0, grad_norm=grad, max_grad_norm=math.inf)], now)
+    for row in state.rows.values():
+        entry = hub._row(row, now, time.time())
+        for metric in web.ROW_METRICS:
+            health = entry["m"][metric][1]
+            as_style = NONFINITE_STYLE if health == "nonfinite" else HEALTH_STYLE.get(health, "")
+            assert as_style == row_value_style(state, row, metric), (row.worker, metric, health)
+    assert [hub._row(r, now, 0)["m"]["grad_norm"][1] for r in state.sorted_rows()] == \
+        ["ok", "warning", "critical", "nonfinite"]
