@@ -482,3 +482,39 @@ def test_web_rows_colour_as_the_console_does_under_a_rules_override(tmp_path):
             assert as_style == row_value_style(state, row, metric), (row.worker, metric, health)
     assert [hub._row(r, now, 0)["m"]["grad_norm"][1] for r in state.sorted_rows()] == \
         ["ok", "warning", "critical", "nonfinite"]
+
+
+@needs_browser
+def test_page_shows_stale_then_disconnected_then_resumes_after_a_daemon_restart(procs, daemon,
+                                                                               pages):
+    """Time alone makes a worker STALE (no event says so); a killed daemon shows as
+    DISCONNECTED; a daemon restarted on the same ports brings the page back, by itself."""
+    from tests.conftest import start_daemon
+
+    w = start_web(procs, daemon, "--stale-after", "1")
+    page = pages(w.url)
+    p = page.page
+    p.wait_for_selector("#conn:text('connected')", timeout=DEADLINE_MS)
+    pub = EventPublisher(daemon.publish)
+    try:
+        assert pub.wait_for_bus(10)
+        send_update(pub, "r", 0, 1, 0.3)
+        p.wait_for_selector('tr[data-id="r/0"].st-ok', timeout=DEADLINE_MS)
+        p.wait_for_selector('tr[data-id="r/0"].st-stale', timeout=DEADLINE_MS)
+        p.wait_for_selector("#banner:text('STALE')", timeout=DEADLINE_MS)
+        daemon.proc.signal(9)
+        daemon.proc.wait(5)
+        p.wait_for_selector("#banner:text('DISCONNECTED')", timeout=DEADLINE_MS)
+        start_daemon(procs, publish=daemon.publish, subscribe=daemon.subscribe,
+                     snapshot=daemon.snapshot)
+        pub.close()
+        pub = EventPublisher(daemon.publish)  # a fresh one waits for the new daemon
+        assert pub.wait_for_bus(10)
+        send_update(pub, "r", 0, 2, 0.6)
+        p.wait_for_function(
+            "s => document.querySelector(s) && document.querySelector(s).textContent === '0.600'",
+            arg=cell("r", 0, "grad_norm"), timeout=15_000)
+        p.wait_for_selector("#banner:text('LEARNING')", timeout=DEADLINE_MS)
+    finally:
+        pub.close()
+    assert p.evaluate("window.trainbus.inits") == 1  # the page never lost its own stream
