@@ -107,28 +107,34 @@ def _scenario(browser: Any, daemon: Any, n_workers: int, rate: float, duration: 
                 agent.expect("done", 30.0)
             page.wait_for_function(f"() => document.querySelectorAll('tr.worker').length >= "
                                    f"{min(n_workers, 16)}", timeout=20_000)
-            page.evaluate("() => { window.trainbus.latencies = []; }")
+            page.evaluate("() => { window.trainbus.latencies = []; window.trainbus.serverLatencies = []; }")
             footer0 = page.evaluate("() => window.trainbus.footer")
             cpu0 = _cpu_seconds(web.pid)
             t0 = time.monotonic()
             for agent in loads:
                 agent.send(("load", rate / procs, duration))
             sent = sum(agent.expect("done", duration + 60.0)["sent"] for agent in loads)
-            # Let the last push reach the page (one tick of the footer).
-            page.wait_for_function(f"() => window.trainbus.footer.events >= "
-                                   f"{footer0['events'] + sent * 0.99}", timeout=5_000) \
-                if sent else None
+            # Let the last events reach the page (the footer's count ticks at 4 Hz); if
+            # some never arrive, the row says so below.
+            try:
+                page.wait_for_function(f"() => window.trainbus.footer.events >= "
+                                       f"{footer0['events'] + sent}", timeout=5_000)
+            except Exception:  # playwright's TimeoutError: judged from the counts below
+                pass
             elapsed = time.monotonic() - t0
             cpu = _cpu_seconds(web.pid) - cpu0
             load = os.getloadavg()[0]
             result = page.evaluate("() => ({lat: window.trainbus.latencies, inits: window.trainbus.inits,"
+                                   " server: window.trainbus.serverLatencies,"
                                    " footer: window.trainbus.footer})")
         finally:
             context.close()
     lat_ms = [x * 1000 for x in result["lat"]]
     footer = result["footer"]
     received = footer["events"] - footer0["events"]
+    server_ms = [x * 1000 for x in result["server"]]
     return {"p50": percentile(lat_ms, 50), "p99": percentile(lat_ms, 99), "samples": len(lat_ms),
+            "server_p50": percentile(server_ms, 50), "server_p99": percentile(server_ms, 99),
             "sent": sent, "received": received, "lost": footer["lost"], "inits": result["inits"],
             "cpu_s": cpu, "elapsed": elapsed, "load": load}
 
@@ -159,7 +165,9 @@ def run(quick: bool = False) -> list[Row]:
             browser.close()
     note = (f"{small['samples']} row updates on screen; {small['received']}/{small['sent']} events "
             f"taken in, lost {small['lost']}, page inits {small['inits']}; Chromium headless, "
-            f"software rendering; machine load average {small['load']:.1f} on {os.cpu_count()} CPUs")
+            f"software rendering; machine load average {small['load']:.1f} on {os.cpu_count()} CPUs; "
+            f"of which ts -> pushed by the web process p50 {small['server_p50']:.1f} ms, "
+            f"p99 {small['server_p99']:.1f} ms")
     rows.append(Row(names[0], small["p50"], "ms", target=targets[0],
                     passed=small["p50"] <= P50_TARGET_MS, note=note))
     rows.append(Row(names[1], small["p99"], "ms", target=targets[1],
@@ -176,6 +184,7 @@ def run(quick: bool = False) -> list[Row]:
                     ">= 0.99x, no loss, no reconnect, p99 on screen <= 150 ms", sustained,
                     note=f"on screen p50 {big['p50']:.1f} ms, p99 {big['p99']:.1f} ms over "
                          f"{big['samples']} row updates; lost {big['lost']}; page inits "
-                         f"{big['inits']}; fleet view (worst 16 of 256 rows shown); load average "
-                         f"{big['load']:.1f}"))
+                         f"{big['inits']}; fleet view (worst 16 of 256 rows shown, the others applied "
+                         f"but drawn only when shown); load average {big['load']:.1f}; ts -> "
+                         f"pushed p50 {big['server_p50']:.1f} ms, p99 {big['server_p99']:.1f} ms"))
     return rows
