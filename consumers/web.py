@@ -462,7 +462,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     sys_version = ""
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
-        log.debug("%s " + format, self.address_string(), *args)
+        # The request line may carry ?token=...: log the path without its query.
+        log.debug("%s %s %s", self.address_string(), self.command, urlsplit(self.path).path)
 
     # ------------------------------------------------------------------ helpers
 
