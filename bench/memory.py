@@ -36,7 +36,12 @@ last-value cache's share.
 
 Pacing: the publisher offers ~7k events/s (the whole group runs in ~3 minutes on a 2-core
 box); consumers that cannot keep up lose events at their high-water marks, which is counted
-and reported, not judged: this row is about memory, not loss.
+and reported, not judged: this row is about memory, not loss. Caveat: a consumer starved of
+CPU (a shared machine) queues up to 100k messages inside libzmq before it drops any, and the
+allocator keeps most of that memory after the queue is worked off, so a step in RSS that
+appears once (rather than at every sample) is a backlog's high-water mark, not state. The
+note's peak RSS and ``$TRAINBUS_BENCH_MEMORY_TRACE=1`` (each process's RSS and CPU share four
+times a second, on stderr) tell the two apart; on a quiet machine the steps are small.
 
 Forgetting: consumers are told to forget a stream idle for ``$TRAINBUS_BENCH_FORGET_S`` seconds
 (default 5, so that pruning can show within the run; runs here live ~3 s) through every flag
