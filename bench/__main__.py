@@ -28,6 +28,7 @@ GROUPS = {
     "cleanrl": "bench.cleanrl",
     "sb3": "bench.sb3",
     "monitor": "bench.monitor",
+    "memory": "bench.memory",
 }
 
 
