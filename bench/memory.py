@@ -45,8 +45,9 @@ times a second, on stderr) tell the two apart; on a quiet machine the steps are 
 
 Forgetting: consumers are told to forget a stream idle for ``$TRAINBUS_BENCH_FORGET_S`` seconds
 (default 5, so that pruning can show within the run; runs here live ~3 s) through every flag
-in :data:`IDLE_FLAGS` that their ``--help`` offers (today only monitor and aggregate have
-``--forget-after``; add the new idle flag's name there when the consumers get one).
+in :data:`IDLE_FLAGS` that their ``--help`` offers (all four have ``--forget-after``; the
+alert process gets ``--silent-after`` at half of it, since it refuses to forget a worker
+before its silence can be judged).
 """
 
 from __future__ import annotations
@@ -332,7 +333,9 @@ def _start_consumers(daemon: DaemonProc, tmp: Path, forget_s: float) -> list[Con
     consumers.append(Consumer("monitor", popen, screen=screen))
 
     for name, extra in (("aggregate", ["--publish", daemon.publish]),
-                        ("alert", ["--publish", daemon.publish, "--log", str(tmp / "alerts.jsonl")]),
+                        # Silence judged before the worker is forgotten (alert refuses otherwise).
+                        ("alert", ["--publish", daemon.publish, "--log", str(tmp / "alerts.jsonl"),
+                                   "--silent-after", f"{forget_s / 2:g}"]),
                         ("prometheus", ["--port", "0"])):
         out, err = tmp / f"{name}.out", tmp / f"{name}.err"
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
