@@ -107,7 +107,8 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     ),
     BUS_STATS: (
         {"uptime_s": "float", "forwarded": "int", "rejected": "map", "streams_cached": "int"},
-        {"rate_eps": "float", "subscribers": "int"},
+        {"rate_eps": "float", "subscribers": "int", "frames_forwarded": "int",
+         "cache_dropped": "int"},
     ),
 }
 
