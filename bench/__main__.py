@@ -22,6 +22,7 @@ from bench.common import REPO, Row, reap_all, render_table, write_results
 GROUPS = {
     "emit": "bench.emit",
     "throughput": "bench.throughput",
+    "daemon_cpu": "bench.daemon_cpu",
     "latency": "bench.latency",
     "gradients": "bench.gradients",
     "training": "bench.training",

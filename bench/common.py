@@ -224,8 +224,22 @@ class DaemonProc:
 @contextmanager
 def running_daemon(*extra: str) -> Iterator[DaemonProc]:
     """Start ``python -m bus.cli daemon`` and yield once its ready line names the ports."""
-    cmd = [sys.executable, "-m", "bus.cli", "daemon", "--publish", EPHEMERAL,
-           "--subscribe", EPHEMERAL, "--snapshot", EPHEMERAL, *extra]
+    with _running_forwarder([sys.executable, "-m", "bus.cli", "daemon", "--publish", EPHEMERAL,
+                             "--subscribe", EPHEMERAL, "--snapshot", EPHEMERAL, *extra]) as daemon:
+        yield daemon
+
+
+@contextmanager
+def running_bare_proxy() -> Iterator[DaemonProc]:
+    """Start :mod:`bench.bare_proxy` (a bare ``zmq.proxy`` process, no snapshot port),
+    driven like a daemon: the baseline of the daemon CPU row."""
+    with _running_forwarder([sys.executable, "-m", "bench.bare_proxy"]) as proxy:
+        yield proxy
+
+
+@contextmanager
+def _running_forwarder(cmd: list[str]) -> Iterator[DaemonProc]:
+    """Start ``cmd`` and yield once its ready line (``publish=EP subscribe=EP ...``) is in."""
     popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL, text=True, env=clean_env(), cwd=REPO,
                              start_new_session=True)
