@@ -139,7 +139,7 @@ class Aggregator:
         self._dirty.clear()
         return due
 
-    def snapshot(self, now: float, wall_time: float | None = None) -> dict[str, Any]:
+    def state(self, now: float, wall_time: float | None = None) -> dict[str, Any]:
         """Everything, for the state file: summaries plus every worker's state."""
         runs: dict[str, dict[str, Any]] = {}
         for run in self.runs():
@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                     published += 1
             if args.state_file and (due or aggregator.events != state_written_at):
                 state_written_at = aggregator.events
-                write_atomic(args.state_file, protocol.to_json(aggregator.snapshot(now)) + "\n")
+                write_atomic(args.state_file, protocol.to_json(aggregator.state(now)) + "\n")
     finally:
         sub.close()
         publisher.close()
