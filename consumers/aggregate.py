@@ -77,8 +77,10 @@ class Aggregator:
                  metrics: Iterable[str] = TRACKED_METRICS,
                  book: StreamBook | None = None) -> None:
         # No spike trackers: a summary rolls up latest values, it does not judge spikes.
+        # Producers' own numeric fields are rolled up too (custom=True), by name.
         self.fleet = Fleet(health=health, spikes=(), metrics=metrics, stale_after=stale_after,
-                           forget_after=forget_after, max_workers=max_workers, book=book)
+                           forget_after=forget_after, max_workers=max_workers, custom=True,
+                           book=book)
         self._dirty: set[str] = set()
         self._published_counts: dict[str, tuple[int, int, int]] = {}
 

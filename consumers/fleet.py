@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus import protocol
-from consumers.history import HISTORY_LEN, TRACKED_METRICS, History
+from consumers.history import (
+    HISTORY_LEN,
+    MAX_CUSTOM_METRICS,
+    TRACKED_METRICS,
+    History,
+    custom_metrics,
+)
 from consumers.runtime import DEFAULT_FORGET_AFTER_S, StreamBook, StreamState
 from consumers.thresholds import (
     DEFAULT_HEALTH,
@@ -223,9 +229,15 @@ class Fleet:
                  stale_after: float = DEFAULT_STALE_AFTER_S,
                  forget_after: float = DEFAULT_FORGET_AFTER_S,
                  max_workers: int = DEFAULT_MAX_WORKERS,
+                 custom: bool = False,
                  book: StreamBook | None = None) -> None:
         self.health = health
         self.metrics = tuple(metrics)
+        #: ``custom``: also track producers' own numeric fields (issue "your own metrics"),
+        #: the first MAX_CUSTOM_METRICS names seen; later names are counted, not tracked.
+        self.custom = custom
+        self.custom_metrics: list[str] = []
+        self.custom_refused: set[str] = set()
         self.spikes = tuple(s for s in spikes if s.metric in self.metrics)  # needs a history
         self._spike_by_name = {s.name: s for s in self.spikes}
         self.stale_after = stale_after
@@ -268,6 +280,8 @@ class Fleet:
         return worker
 
     def _observe_update(self, worker: Worker, fields: Mapping[str, Any]) -> None:
+        if self.custom:
+            self._track_custom(worker, fields)
         worker.history.add(fields)
         for spike in self.spikes:
             value = fields.get(spike.metric)
@@ -284,6 +298,23 @@ class Fleet:
         count = fields.get("nonfinite_grad_count")
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:
             worker.nonfinite_elements += count
+
+    def _track_custom(self, worker: Worker, fields: Mapping[str, Any]) -> None:
+        for name in custom_metrics(fields):
+            if name in self.metrics:
+                continue  # configured (a monitor column): tracked from the start
+            if name not in self.custom_metrics:
+                if len(self.custom_metrics) >= MAX_CUSTOM_METRICS:
+                    if len(self.custom_refused) < MAX_CUSTOM_METRICS:
+                        self.custom_refused.add(name)  # a sample, for the log
+                    continue
+                self.custom_metrics.append(name)
+            worker.history.track(name)
+
+    @property
+    def all_metrics(self) -> tuple[str, ...]:
+        """The configured metrics, then the custom ones tracked so far."""
+        return (*self.metrics, *self.custom_metrics)
 
     def _add(self, key: WorkerKey, stream: StreamState) -> Worker:
         worker = Worker(key[0], key[1], History(self.metrics), stream)
@@ -409,7 +440,7 @@ class Fleet:
         """``updates`` and ``metrics`` of a ppo_summary, over ``workers``' latest values."""
         workers = list(workers)
         out: dict[str, dict[str, Any]] = {}
-        for metric in self.metrics if metrics is None else metrics:
+        for metric in self.all_metrics if metrics is None else metrics:
             values = {w.worker: v for w in workers if (v := w.history.latest(metric)) is not None}
             if values:
                 out[metric] = rollup(metric, values, self.health)

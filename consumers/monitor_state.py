@@ -120,8 +120,11 @@ class MonitorState:
                  stale_after: float = DEFAULT_STALE_AFTER_S,
                  forget_after: float = DEFAULT_FORGET_AFTER_S,
                  max_rows: int = DEFAULT_MAX_ROWS,
+                 columns: Iterable[str] = (),
                  book: StreamBook | None = None) -> None:
-        self.fleet = Fleet(health=health, spikes=spikes, metrics=ROW_METRICS,
+        #: Producers' own fields shown as extra columns (``--column NAME``), in order.
+        self.columns = tuple(dict.fromkeys(c for c in columns if c not in ROW_METRICS))
+        self.fleet = Fleet(health=health, spikes=spikes, metrics=(*ROW_METRICS, *self.columns),
                            stale_after=stale_after, forget_after=forget_after,
                            max_workers=max_rows, book=book)
         self.alerts: OrderedDict[tuple[str, WorkerId, str], AlertEntry] = OrderedDict()
