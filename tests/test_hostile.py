@@ -37,7 +37,14 @@ from bus import protocol
 from bus.protocol import MAX_NESTING
 from bus.publisher import EventPublisher
 from consumers.runtime import Subscriber
-from tests.conftest import ProcessGroup, ppo_payload, start_daemon, trainbus_cmd, wait_for
+from tests.conftest import (
+    ProcessGroup,
+    ppo_payload,
+    snapshot_reply,
+    start_daemon,
+    trainbus_cmd,
+    wait_for,
+)
 
 MAX = protocol.DEFAULT_MAX_MESSAGE_BYTES
 MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # fixmap, map16, map32
@@ -630,14 +637,4 @@ def test_frame_over_zmq_limit_disconnects_only_that_sender(procs: ProcessGroup) 
 
 def _cached_topics(snapshot: str, prefix: bytes) -> list[bytes]:
     """Topics of the daemon's cached events under ``prefix`` (a raw snapshot request)."""
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.linger = 0
-    try:
-        dealer.connect(snapshot)
-        dealer.send_multipart([b"SNAPSHOT", prefix])
-        assert dealer.poll(5000), "no snapshot reply"
-        reply = dealer.recv_multipart()
-    finally:
-        dealer.close(linger=0)
-    assert reply[0] == b"SNAPSHOT"
-    return reply[2::2]
+    return snapshot_reply(snapshot, prefix, 5000)[2::2]
