@@ -275,10 +275,12 @@ def test_filtered_and_bus_stats_events():
 Styled = list[list[tuple[str, str]]]
 
 
-def render(state: MonitorState, width: int = 120) -> tuple[str, Styled]:
-    """The frame as text, and as lines of (segment text, style) from a recording console."""
-    console = Console(record=True, width=width, force_terminal=True, color_system="truecolor")
-    console.print(MonitorView(state, NOW, refresh_hz=4))
+def render(state: MonitorState, width: int = 120, height: int | None = None) -> tuple[str, Styled]:
+    """The frame as text, and as lines of (segment text, style) from a recording console;
+    with ``height``, fitted to a terminal of that height as the live view is."""
+    console = Console(record=True, width=width, height=height, force_terminal=True,
+                      color_system="truecolor")
+    console.print(MonitorView(state, NOW, refresh_hz=4, fit_height=height is not None))
     lines: Styled = [[]]
     for segment in console._record_buffer:
         parts = segment.text.split("\n")
@@ -391,6 +393,99 @@ def test_too_many_rows_for_the_terminal_shows_the_worst():
     text = console.export_text()
     assert "more worker(s) not shown" in text
     assert "  33" in text and "12.000" in text
+
+
+def listed_workers(text: str, run: str = "r") -> dict[int, str]:
+    """Worker rows of a frame (the lines starting with a worker id): id -> the line."""
+    rows: dict[int, str] = {}
+    for line in text.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if line.startswith("  ") and first.isdigit():
+            rows[int(first)] = line
+    return rows
+
+
+def fleet_of(state: MonitorState, n: int, bad: dict[int, float], run: str = "r") -> None:
+    """``n`` healthy workers of ``run`` (grad norms 1.0..2.6), except ``bad``: worker -> grad."""
+    for worker in range(n):
+        feed(state, worker, [1.0, bad.get(worker, 1.0 + (worker % 17) * 0.1)], run=run,
+             session=f"{run}-s{worker}")
+
+
+def test_fleet_view_when_a_run_has_more_workers_than_rows():
+    state = connected_state()
+    bad = {17: math.nan, 123: 12.5, 200: 14.0, 250: math.inf, 299: 11.0}
+    fleet_of(state, 300, bad)
+    for width, height in ((80, 40), (160, 40), (80, 24)):
+        console = Console(record=True, width=width, height=height, color_system=None)
+        console.print(MonitorView(state, NOW, fit_height=True, refresh_hz=4))
+        text = console.export_text()
+        lines = text.splitlines()
+        assert len(lines) <= height, (width, height, text)
+        assert max(len(line) for line in lines) <= width
+        # The distribution of each column across the 300 workers (finite values: 295).
+        dist = {line.split()[0]: line for line in lines if line.split()[:1] in (["p50"], ["p90"],
+                                                                                  ["max"], ["warn/crit"])}
+        assert set(dist) == {"p50", "p90", "max", "warn/crit"}, text
+        assert "1.800" in dist["p50"] and "2.500" in dist["p90"] and "14.000" in dist["max"]
+        assert dist["warn/crit"].split()[1] == "0/5"  # grad norm: 0 warning, 5 critical
+        # Counts by health in the status column, worst first.
+        assert "2 NaN" in dist["p50"] and "3 CRIT" in dist["p90"] and "295 ok" in dist["max"]
+        # The worst workers, worst first: exactly the 5 bad ones, then healthy ones.
+        listed = listed_workers(text)
+        assert set(bad) <= set(listed), text
+        assert list(listed)[:5] == [17, 250, 200, 123, 299]  # NaN (by id), then furthest out
+        assert all(line.rstrip().endswith("ok") for w, line in listed.items() if w not in bad)
+        assert "more worker(s) not shown" in text
+        assert f"{300 - len(listed)} more worker(s)" in text
+    assert len(listed) == 24 - 9 - 2 - 4  # the rest of the height went to the worst rows
+
+
+def test_fleet_view_styles_and_wide_columns():
+    state = connected_state()
+    fleet_of(state, 100, {3: math.nan, 5: 12.0})
+    feed(state, 7, [1.0], approx_kl=0.02)  # a KL warning on a third worker
+    text, styled = render(state, width=160, height=30)
+    assert len(text.splitlines()) <= 30
+    assert "red" in style_of(styled, "12.000", line_with="max")  # a critical max is red
+    assert "green" in style_of(styled, "1.800", line_with="p50")
+    assert "red" in style_of(styled, "0/2", line_with="warn/crit")
+    assert "yellow" in style_of(styled, "1/0", line_with="warn/crit")  # KL: one warning
+    assert "red" in style_of(styled, "1 NaN")
+    # Wider: the distribution of the tier's extra columns too (pre-clip, entropy).
+    p50 = next(line for line in text.splitlines() if line.split()[:1] == ["p50"])
+    assert "0.680" in p50  # entropy
+
+
+def test_small_runs_stay_whole_beside_a_fleet_view():
+    state = connected_state()
+    fleet_of(state, 200, {9: 13.0}, run="big")
+    fleet_of(state, 4, {2: 6.0}, run="small")
+    console = Console(record=True, width=120, height=30, color_system=None)
+    console.print(MonitorView(state, NOW, fit_height=True))
+    text = console.export_text()
+    assert len(text.splitlines()) <= 30
+    small_rows = text[text.index("Σ small"):]
+    assert all(f"  {w} " in small_rows for w in range(4))  # every worker of the small run
+    assert "p50" in text[text.index("Σ big"):text.index("Σ small")]
+    assert "p50" not in small_rows  # only the big run is a fleet view
+    big_rows = listed_workers(text[text.index("Σ big"):text.index("Σ small")])
+    assert list(big_rows)[0] == 9
+
+
+def test_once_keeps_every_row_up_to_64_workers_then_shows_the_fleet_view():
+    from consumers.monitor_view import ONCE_MAX_WORKERS, ONCE_WORST
+
+    state = connected_state()
+    fleet_of(state, ONCE_MAX_WORKERS, {40: 20.0})
+    text = render_text(state, NOW, width=120)
+    assert len(listed_workers(text)) == ONCE_MAX_WORKERS and "p50" not in text
+    assert "not shown" not in text
+    fleet_of(state, ONCE_MAX_WORKERS + 1, {40: 20.0})
+    text = render_text(state, NOW, width=120)
+    listed = listed_workers(text)
+    assert len(listed) == ONCE_WORST and list(listed)[0] == 40 and "p50" in text
+    assert f"{ONCE_MAX_WORKERS + 1 - ONCE_WORST} more worker(s) not shown" in text
 
 
 def feed_pre(state: MonitorState, worker: int, pre_clip: list[float], now: float = NOW,
