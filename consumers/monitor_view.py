@@ -42,6 +42,7 @@ from typing import Any
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -486,7 +487,7 @@ class MonitorView:
         hidden = sum(view.hidden for view in views)
         parts: list[Any] = [self._header(width)]
         if runs:
-            parts.append(self._table(views, tier_for(width)))
+            parts.append(self._table(views, tier_for(width), width))
             if hidden:
                 advice = "; widen or heighten the terminal, or use --run" if width >= 100 else ""
                 parts.append(Text(f"  … {hidden} more worker(s) not shown (the healthiest){advice}",
@@ -524,35 +525,72 @@ class MonitorView:
         grid.add_row(left, right if width >= 100 else Text(""))
         return grid
 
-    def _table(self, views: list[RunView], tier: int) -> Table:
+    def _table(self, views: list[RunView], tier: int, width: int) -> Group:
+        """The rows, laid out by hand as one :class:`Text` per line.
+
+        Not a rich ``Table``: measuring and padding ~900 cells through rich's layout
+        engine took ~200 ms a frame on the 2-core bench machine under load (the redraw
+        rate could not reach 4 Hz, let alone 10); fixed columns need none of it. It draws
+        what the table did: a bold header, a rule, runs separated by a blank line, cells
+        justified in their column and cut with "…" when too long, a column wider than its
+        normal width when its content needs it and the width allows (``worst w299 12.00``),
+        stale and finished rows dimmed as a whole."""
         columns = [c for c in COLUMNS if c.tier <= tier]
-        # SIMPLE_HEAD draws its column dividers as a space: with one space of right padding
-        # that makes the two-space gap table_width() counts.
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
-                      header_style="bold", expand=False)
+        body: list[tuple[dict[str, Text], str] | None] = []  # None: a blank line between runs
+        state, now = self.state, self.now
+        for i, view in enumerate(views):
+            if i:
+                body.append(None)
+            body.append((_fleet_cells(state, view.run, now, tier), ""))
+            if view.fleet_view:
+                body.extend((cells, "") for cells in
+                            _distribution_cells(state, view.run, now, view.counts or []))
+            for row in view.rows:
+                old_news = state.row_status(row, now) in (STALE, DONE)
+                body.append((_worker_cells(state, row, now, tier), "dim" if old_news else ""))
+        widths: list[int] = []
         for column in columns:
-            worker = column.key == "worker"
-            width = column_width(column, tier)
-            table.add_column(column.header, justify=column.justify,  # type: ignore[arg-type]
-                             min_width=None if worker else width,
-                             max_width=width if worker else None,
-                             no_wrap=True, overflow="ellipsis")
-        for view in views:
-            run = view.run
-            fleet = _fleet_cells(self.state, run, self.now, tier)
-            run_rows = view.rows
-            dist = _distribution_cells(self.state, run, self.now, view.counts or []) \
-                if view.fleet_view else []
-            table.add_row(*(fleet[c.key] for c in columns), end_section=not run_rows and not dist)
-            for i, cells in enumerate(dist):
-                table.add_row(*(cells[c.key] for c in columns),
-                              end_section=not run_rows and i == len(dist) - 1)
-            for i, row in enumerate(run_rows):
-                cells = _worker_cells(self.state, row, self.now, tier)
-                old_news = self.state.row_status(row, self.now) in (STALE, DONE)
-                table.add_row(*(cells[c.key] for c in columns), style="dim" if old_news else None,
-                              end_section=i == len(run_rows) - 1)
-        return table
+            base = column_width(column, tier)
+            content = max([len(column.header)] + [entry[0][column.key].cell_len
+                                                  for entry in body if entry is not None])
+            widths.append(min(content, base) if column.key == "worker" else max(base, content))
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        for j in sorted(range(len(columns)), key=lambda j: column_width(columns[j], tier) - widths[j]):
+            if over <= 0:
+                break
+            cut = min(over, max(0, widths[j] - column_width(columns[j], tier)))
+            widths[j] -= cut
+            over -= cut
+        total = sum(widths) + 2 * (len(widths) - 1)
+        header = Text(style="bold", no_wrap=True, end="")
+        for j, column in enumerate(columns):
+            if j:
+                header.append("  ")
+            header.append(column.header.rjust(widths[j]) if column.justify == "right"
+                          else column.header.ljust(widths[j]))
+        lines: list[Text] = [header, Text("─" * total, no_wrap=True, end="")]
+        for entry in body:
+            if entry is None:
+                lines.append(Text("", end=""))
+                continue
+            cells, style = entry
+            line = Text(style=style, no_wrap=True, end="")
+            for j, column in enumerate(columns):
+                if j:
+                    line.append("  ")
+                cell = cells[column.key]
+                w = widths[j]
+                if cell.cell_len > w:
+                    cell.truncate(w, overflow="ellipsis")
+                pad = w - cell.cell_len
+                if column.justify == "right":
+                    line.append(" " * pad)
+                    line.append_text(cell)
+                else:
+                    line.append_text(cell)
+                    line.append(" " * pad)
+            lines.append(line)
+        return _Lines(lines)
 
     def _alerts_panel(self, width: int) -> Panel | None:
         """Firing alerts, critical first then oldest first; one line each (cut at the
@@ -591,6 +629,11 @@ class MonitorView:
         text.append(f"lost {state.lost}", style="yellow" if state.lost else "")
         text.append(" · ")
         text.append(f"rejected {state.rejected}", style="yellow" if state.rejected else "")
+        if state.skipped:
+            # Read and accounted for, not drawn: older updates of a stream that had a newer
+            # one in the same batch while the monitor was behind (never a NaN/critical one).
+            text.append(" · ")
+            text.append(f"skipped {state.skipped:,} (load)", style="yellow")
         if not state.alerts:  # firing ones have their own panel
             text.append(" · alerts: none firing" if state.alert_events
                         else " · alerts: no alerting process seen")
@@ -603,6 +646,20 @@ class MonitorView:
         for line in state.log_lines:
             text.append("\n" + line)
         return text
+
+
+class _Lines:
+    """Lines of :class:`Text`, one per screen line, rendered straight to segments (no
+    wrapping or measuring: :meth:`MonitorView._table` made them fit)."""
+
+    def __init__(self, lines: list[Text]) -> None:
+        self.lines = lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        new_line = Segment.line()
+        for line in self.lines:
+            yield from line.render(console)
+            yield new_line
 
 
 def alerts_lines(state: MonitorState) -> int:

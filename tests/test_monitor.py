@@ -659,6 +659,64 @@ def test_monitor_once_shows_a_pre_clip_spike(procs, daemon):
     assert "WARNING" in out and "warn pre 11x" in out and "pre last 10" in out, out
 
 
+def test_must_show_keeps_every_nan_and_critical_value():
+    state = connected_state()
+    assert not state.must_show(ppo_payload(grad_norm=1.0, approx_kl=0.02))  # a warning: may go
+    assert not state.must_show(ppo_payload(grad_norm=6.0))
+    for news in ({"grad_norm": math.nan}, {"pre_clip_grad_norm": math.inf}, {"lr": math.nan},
+                 {"episode_return_mean": -math.inf}, {"grad_norm": 10.5}, {"approx_kl": 0.05},
+                 {"clip_fraction": 0.35}, {"entropy": 0.005}, {"nonfinite_grad_count": 3}):
+        assert state.must_show(ppo_payload(**news)), news
+
+
+def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, daemon):
+    """Behind a real daemon, a burst read in small batches (as the live loop reads when it
+    is behind): older updates of a stream are skipped and counted, nothing counts as lost,
+    every row ends on its newest update, and the NaN and critical values, though each had
+    newer updates of its worker right behind it, reach the rows."""
+    from consumers.monitor import SheddingSubscriber
+
+    n, workers = 400, 4
+    news = {(1, n - 4): {"grad_norm": math.nan}, (2, n - 3): {"grad_norm": 12.0},
+            (3, n - 3): {"approx_kl": 0.05}, (0, n - 2): {"nonfinite_grad_count": 2}}
+    with SheddingSubscriber(daemon.subscribe, daemon.snapshot, run="load") as sub:
+        state = connected_state(book=sub.book)  # wired as the CLI wires them
+        sub.must_show = state.must_show
+        wait_for(lambda: state.ingest_many(sub.poll(20), time.monotonic()) or sub.stats.snapshots >= 1,
+                 10, message="subscriber connected")
+        emitters = [TelemetryEmitter("load", w, daemon.publish, heartbeat_interval=None)
+                    for w in range(workers)]
+        try:
+            assert all(e.wait_for_bus(10) for e in emitters)
+            for u in range(n):  # the whole burst before the first read: a backlog
+                for w, emitter in enumerate(emitters):
+                    emitter.emit_ppo_update(**ppo_fields(u, **{"grad_norm": 1.0, "approx_kl": 0.004,
+                                                               **news.get((w, u), {})}))
+
+            def all_in() -> bool:
+                state.ingest_many(sub.poll(20, max_messages=50), time.monotonic())
+                return all(sub.book.streams.get(("load", w)) is not None and
+                           sub.book.streams[("load", w)].last_update == n - 1 for w in range(workers))
+
+            wait_for(all_in, 30, message="every worker's last update accounted for")
+        finally:
+            for emitter in emitters:
+                emitter.close()
+    rows = {w: state.rows[("load", w)] for w in range(workers)}
+    assert sub.skipped > 0  # it did shed
+    assert sub.stats.dropped_total == 0 and all(row.dropped == 0 for row in rows.values())
+    assert sum(row.updates for row in rows.values()) + sub.skipped == n * workers
+    assert all(row.update == n - 1 for row in rows.values())  # judged on the newest
+    assert rows[1].nonfinite_updates == 1
+    assert any(v != v for v in rows[1].history.values("grad_norm"))
+    assert 12.0 in rows[2].history.values("grad_norm")
+    assert 0.05 in rows[3].history.values("approx_kl")
+    assert 2 in rows[0].history.values("nonfinite_grad_count")
+    state.sync_from(sub, time.monotonic())
+    text = render_text(state, time.monotonic(), width=120)
+    assert f"skipped {sub.skipped:,} (load)" in text
+
+
 def test_monitor_rejects_refresh_above_10hz(procs):
     mon = procs.start(trainbus_cmd("monitor", "--refresh", "50"))
     assert mon.wait(10) == 2
