@@ -172,6 +172,28 @@ def band_distance(metric: str, value: float, health: HealthTable = DEFAULT_HEALT
     return best
 
 
+def relative_band_distance(metric: str, value: float | None,
+                           health: HealthTable = DEFAULT_HEALTH) -> float | None:
+    """:func:`band_distance` as a fraction of the edge it is measured from (the absolute
+    distance for an edge at 0), so that metrics of different scales can be compared: a
+    KL of 0.045 (3x its 0.015 edge) is further out than a grad norm of 6 (1.2x its 5).
+    +inf for a non-finite value; None for a missing value or a metric without thresholds."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return math.inf
+    best: float | None = None
+    for threshold in health.for_metric(metric):
+        level = threshold.warning if threshold.warning is not None else threshold.critical
+        if level is None:
+            continue
+        distance = value - level if threshold.op == ">" else level - value
+        if level:
+            distance /= abs(level)
+        best = distance if best is None else max(best, distance)
+    return best
+
+
 def rollup(metric: str, values: Mapping[WorkerId, float],
            health: HealthTable = DEFAULT_HEALTH) -> dict[str, Any]:
     """One metric across workers: mean/min/max of the finite values, the worst worker.
@@ -487,8 +509,39 @@ class Fleet:
                 "max": values[-1] if values else math.nan, "nonfinite": nonfinite,
                 "workers": len(values) + nonfinite, "health": dict(health)}
 
-    def worst(self, run: str, now: float, n: int) -> list[Worker]:
-        """The ``n`` workers of ``run`` in the worst status (ties: lowest worker id)."""
+    def worst(self, run: str, now: float, n: int, *, by_distance: bool = False) -> list[Worker]:
+        """The ``n`` workers of ``run`` in the worst status (ties: lowest worker id).
+
+        ``by_distance``: within one status, the worker furthest outside the healthy band
+        first (:meth:`distance`), then the lowest id — the order a fleet view lists its
+        worst workers in, so that of 300 "ok" workers the ones nearest trouble show."""
         workers = self.run_workers(run)
-        ranked = sorted(workers, key=lambda w: -STATUS_RANK[self.status(w, now)])  # stable
+        if by_distance:
+            ranked = sorted(workers, key=lambda w: self.rank_key(w, now), reverse=True)
+            # reverse=True keeps equal keys in order (stable), so ties stay lowest id first.
+        else:
+            ranked = sorted(workers, key=lambda w: -STATUS_RANK[self.status(w, now)])  # stable
         return ranked[:n]
+
+    def distance(self, worker: Worker) -> float:
+        """How far the worker's latest values are outside the healthy band: the largest
+        :func:`relative_band_distance` over the metrics that decide its status (negative
+        while all are inside; -inf when none is known; +inf for a non-finite one), or a
+        spike's ratio over its warning level when that is larger."""
+        latest = worker.history.latest
+        best = -math.inf
+        for metric in HEALTH_METRICS:
+            distance = relative_band_distance(metric, latest(metric), self.health)
+            if distance is not None and distance > best:
+                best = distance
+        for spike in self.spikes:
+            ratio = self.spike_verdict(worker, spike)[1]
+            if ratio is not None and spike.warning:
+                distance = (ratio - spike.warning) / spike.warning
+                if distance > best:
+                    best = distance
+        return best
+
+    def rank_key(self, worker: Worker, now: float) -> tuple[int, float]:
+        """(status rank, :meth:`distance`): larger is worse."""
+        return (STATUS_RANK[self.status(worker, now)], self.distance(worker))
