@@ -166,6 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_subscriber_arguments(parser)
     parser.add_argument("--run", type=run_name, default=None, help="show only this run")
     add_rules_argument(parser)
+    parser.add_argument("--column", dest="columns", action="append", default=[], metavar="NAME",
+                        help="also show this ppo_update field (a producer's own metric, or an "
+                             "optional one) with its sparkline; repeatable")
     parser.add_argument("--refresh", metavar="HZ", type=positive_float, default=DEFAULT_REFRESH_HZ,
                         help=f"redraws per second (default {DEFAULT_REFRESH_HZ:g}, at most {MAX_REFRESH_HZ:g})")
     parser.add_argument("--once", action="store_true",
@@ -184,13 +187,19 @@ def run(args: argparse.Namespace) -> int:
     from bus.cli import UsageError
     from bus.lifecycle import install_stop_handlers
     from consumers.health import health_from_args
+    from consumers.history import TRACKED_METRICS, is_custom_metric
     if args.refresh > MAX_REFRESH_HZ:
         raise UsageError(f"--refresh is at most {MAX_REFRESH_HZ:g} Hz (redraws never follow the event rate)")
+    for name in args.columns:
+        if name not in TRACKED_METRICS and not is_custom_metric(name):
+            raise UsageError(f"--column {name!r}: not a numeric ppo_update field or a name a "
+                             "producer's own field can have ([A-Za-z_][A-Za-z0-9_.-]*)")
     health = health_from_args(args)
     stop = install_stop_handlers()
     sub = SheddingSubscriber.from_args(args, run=args.run, rcvhwm=MONITOR_RCVHWM,
                                        forget_after=args.forget_after)
-    state = MonitorState(health.table, spikes=health.spikes, stale_after=args.stale_after,
+    state = MonitorState(health.table, spikes=health.spikes, columns=args.columns,
+                         stale_after=args.stale_after,
                          forget_after=args.forget_after, book=sub.book)
     sub.must_show = state.must_show
     console = Console(highlight=False, width=args.width)

@@ -325,9 +325,9 @@ class MonitorState:
         an empty row would hide how the run ended."""
         run_rows = self.fleet.run_workers(run)
         if run_rows and all(r.finished for r in run_rows):
-            return "final", dict(self.fleet.rollup(run_rows, FLEET_METRICS),
+            return "final", dict(self.fleet.rollup(run_rows, (*FLEET_METRICS, *self.columns)),
                                  workers_live=0, workers_stale=0)
         entry = self.summaries.get(run)
         if entry is not None and now - entry[1] <= self.stale_after:
             return "aggregator", entry[0]
-        return "local", self.fleet.summary(run, now, FLEET_METRICS)
+        return "local", self.fleet.summary(run, now, (*FLEET_METRICS, *self.columns))

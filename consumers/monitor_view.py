@@ -240,21 +240,64 @@ WIDTH_BY_TIER = {"worker": (12, 14, 16, 20), "status": (9, 9, 13, 13)}
 SPIKE_RATIO_TIER = 2
 
 
+#: Where ``--column`` metrics go: just before the update counter, at every width (asked for
+#: by name, so never left out for room).
+CUSTOM_BEFORE = "update"
+CUSTOM_HEADER_MAX = 14
+
+
+def custom_columns(names: tuple[str, ...]) -> list[Column]:
+    """Two columns per ``--column`` metric: its latest value, its sparkline and trend."""
+    out: list[Column] = []
+    for name in names:
+        header = name if len(name) <= CUSTOM_HEADER_MAX else name[:CUSTOM_HEADER_MAX - 1] + "…"
+        out.append(Column(f"value:{name}", header, 0, max(9, len(header))))
+        out.append(Column(f"spark:{name}", "last 10", 0, 12, "left"))
+    return out
+
+
+def visible_columns(tier: int, names: tuple[str, ...] = (),
+                    width: int | None = None) -> list[Column]:
+    """The columns of a layout tier, ``--column`` metrics included: all of them, or within
+    ``width`` as many as fit (value and sparkline, else the value alone), in order."""
+    columns = [c for c in COLUMNS if c.tier <= tier]
+    if not names:
+        return columns
+    extra = custom_columns(names)
+    if width is not None:
+        room = width - _columns_width(columns)
+        fitting: list[Column] = []
+        for value, spark in zip(extra[::2], extra[1::2], strict=True):
+            if room >= value.width + spark.width + 4:
+                fitting += [value, spark]
+                room -= value.width + spark.width + 4
+            elif room >= value.width + 2:
+                fitting.append(value)
+                room -= value.width + 2
+        extra = fitting
+    at = next(i for i, c in enumerate(columns) if c.key == CUSTOM_BEFORE)
+    return columns[:at] + extra + columns[at:]
+
+
+def _columns_width(columns: list[Column], tier: int | None = None) -> int:
+    widths = [c.width if tier is None else column_width(c, tier) for c in columns]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
 def column_width(column: Column, tier: int) -> int:
     widths = WIDTH_BY_TIER.get(column.key)
     return widths[tier] if widths is not None else column.width
 
 
-def table_width(tier: int) -> int:
+def table_width(tier: int, names: tuple[str, ...] = ()) -> int:
     """Columns' widths plus one space either side of each (none at the table's edges)."""
-    widths = [column_width(c, tier) for c in COLUMNS if c.tier <= tier]
-    return sum(widths) + 2 * (len(widths) - 1)
+    return _columns_width(visible_columns(tier, names), tier)
 
 
-def tier_for(width: int) -> int:
+def tier_for(width: int, names: tuple[str, ...] = ()) -> int:
     """The richest layout that fits ``width`` columns (the essentials at any width)."""
     for tier in reversed(TIERS[1:]):
-        if table_width(tier) <= width:
+        if table_width(tier, names) <= width:
             return tier
     return 0
 
@@ -300,6 +343,9 @@ def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> di
         "dropped": Text(str(row.dropped) if row.dropped else "", style="yellow"),
         "status": Text(status_label, style=STATUS_STYLE[status]),
     }
+    for name in state.columns:
+        cells[f"value:{name}"] = row_metric_text(state, row, name, 3)
+        cells[f"spark:{name}"] = spark_text(state, row, name)
     return cells
 
 
@@ -333,7 +379,9 @@ def _fleet_cells(state: MonitorState, run: str, now: float, tier: int = 3) -> di
     else:  # only finished workers are left (the header counts them: "N done")
         status = Text("done" if state.finished_workers(run) else "0 live", style="dim")
     label = Text("Σ " + run, style="bold cyan", overflow="ellipsis", no_wrap=True)
+    custom = {f"value:{name}": mean(name, 3) for name in state.columns}
     return {
+        **custom,
         "worker": label, "grad": mean("grad_norm", 3), "spark": worst,
         "pre": mean("pre_clip_grad_norm", 3), "prespark": Text(""), "kl": mean("approx_kl", 4),
         "clip": mean("clip_fraction", 3), "entropy": mean("entropy", 3),
@@ -487,7 +535,14 @@ class MonitorView:
         hidden = sum(view.hidden for view in views)
         parts: list[Any] = [self._header(width)]
         if runs:
-            parts.append(self._table(views, tier_for(width), width))
+            parts.append(self._table(views, tier_for(width, state.columns), width))
+            shown = {c.key for c in visible_columns(tier_for(width, state.columns),
+                                                      state.columns, width)}
+            left_out = [n for n in state.columns if f"value:{n}" not in shown]
+            if left_out:
+                parts.append(Text(f"  --column {', '.join(left_out)}: no room at {width} "
+                                  "columns; widen the terminal", style="dim", no_wrap=True,
+                                  overflow="ellipsis"))
             if hidden:
                 advice = "; widen or heighten the terminal, or use --run" if width >= 100 else ""
                 parts.append(Text(f"  … {hidden} more worker(s) not shown (the healthiest){advice}",
@@ -535,7 +590,8 @@ class MonitorView:
         justified in their column and cut with "…" when too long, a column wider than its
         normal width when its content needs it and the width allows (``worst w299 12.00``),
         stale and finished rows dimmed as a whole."""
-        columns = [c for c in COLUMNS if c.tier <= tier]
+        columns = visible_columns(tier, self.state.columns, width)
+        blank = Text("")
         body: list[tuple[dict[str, Text], str] | None] = []  # None: a blank line between runs
         state, now = self.state, self.now
         for i, view in enumerate(views):
@@ -551,7 +607,7 @@ class MonitorView:
         widths: list[int] = []
         for column in columns:
             base = column_width(column, tier)
-            content = max([len(column.header)] + [entry[0][column.key].cell_len
+            content = max([len(column.header)] + [entry[0].get(column.key, blank).cell_len
                                                   for entry in body if entry is not None])
             widths.append(min(content, base) if column.key == "worker" else max(base, content))
         over = sum(widths) + 2 * (len(widths) - 1) - width
@@ -578,7 +634,7 @@ class MonitorView:
             for j, column in enumerate(columns):
                 if j:
                     line.append("  ")
-                cell = cells[column.key]
+                cell = cells.get(column.key) or Text("")
                 w = widths[j]
                 if cell.cell_len > w:
                     cell.truncate(w, overflow="ellipsis")

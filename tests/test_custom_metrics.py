@@ -97,3 +97,32 @@ def test_monitor_column_keeps_the_history_of_a_chosen_field():
     for seq in range(3):
         state.ingest(update(0, seq, grad_norm_actor=seq + 0.5), 0.0)
     assert state.rows[("own", 0)].history.values("grad_norm_actor") == [0.5, 1.5, 2.5]
+
+
+def test_monitor_draws_a_chosen_column_with_its_sparkline():
+    from consumers.monitor_state import MonitorState
+    from consumers.monitor_view import render_text, table_width, tier_for
+
+    state = MonitorState(columns=["critic.grad_norm"])
+    state.sync(0.0, connected=True, ever_connected=True)
+    for seq, value in enumerate([1.0, 2.0, 3.0, math.inf]):
+        state.ingest(update(0, seq, **{"critic.grad_norm": value}), 0.0)
+    for width in (120, 160):
+        frame = render_text(state, 0.0, width=width)
+        assert "critic.grad_n…" in frame and "inf" in frame, frame
+        assert "NaN×1" in frame  # the fleet row: one worker non-finite
+        assert "×" in frame  # the non-finite cell of its sparkline
+        assert max(len(line) for line in frame.splitlines()) <= width
+    # At 80 columns the essentials take the whole width: the frame says what it left out.
+    narrow = render_text(state, 0.0, width=80)
+    assert "--column critic.grad_norm: no room at 80" in narrow and "status" in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 80
+    assert table_width(0, ("critic.grad_norm",)) > table_width(0)
+    assert tier_for(160, ("critic.grad_norm",)) <= tier_for(160)
+
+
+def test_monitor_refuses_a_column_that_cannot_be_a_field(procs):
+    from tests.conftest import trainbus_cmd
+
+    proc = procs.start(trainbus_cmd("monitor", "--once", "--column", "9 bad"))
+    assert proc.wait(20) == 2 and "--column" in proc.stderr.text()
