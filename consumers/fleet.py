@@ -271,6 +271,8 @@ class Fleet:
         self.workers: OrderedDict[WorkerKey, Worker] = OrderedDict()
         self._by_run: dict[str, dict[WorkerId, Worker]] = {}
         self.events = 0  # producer events taken in
+        self._verdicts: dict[WorkerKey, tuple[str, str | None]] = {}
+        self._verdict_now: float | None = None
 
     # ------------------------------------------------------------------ input
 
@@ -278,6 +280,8 @@ class Fleet:
         """Take one event; returns the worker it concerns (None for other types, for
         run-level ids, and for a duplicate when this fleet keeps its own book). Cheap:
         called up to tens of thousands of times a second."""
+        if self._verdicts:
+            self._verdicts.clear()  # judged before this event: no longer current
         if self._owns_book and self.book.record(event, now) is None:
             return None
         kind = event.type
@@ -357,6 +361,7 @@ class Fleet:
         """Drop workers silent for longer than ``forget_after``; returns their keys (views
         drop whatever they keep per key, e.g. the exporter's series, with them)."""
         horizon = now - self.forget_after
+        self._verdicts.clear()
         gone = [key for key, worker in self.workers.items() if worker.stream.last_received < horizon]
         for key in gone:
             self._remove(key)
@@ -435,7 +440,20 @@ class Fleet:
         severity the thresholds, then the spikes, are named in their table order.
 
         A finished worker is done before anything else: however long ago it closed, its
-        silence is expected, and its last values are history, not a live condition."""
+        silence is expected, and its last values are history, not a live condition.
+
+        Memoised per ``now`` until the next ingest: a frame asks for every worker's status
+        several times (banner, ranking, counts, its row), the judgement is made once."""
+        if now != self._verdict_now:
+            self._verdicts.clear()
+            self._verdict_now = now
+        key = (worker.run, worker.worker)
+        cached = self._verdicts.get(key)
+        if cached is None:
+            cached = self._verdicts[key] = self._judge(worker, now)
+        return cached
+
+    def _judge(self, worker: Worker, now: float) -> tuple[str, str | None]:
         if worker.stream.finished:
             return DONE, None
         if now - worker.stream.last_received > self.stale_after:
