@@ -22,12 +22,14 @@ from bench.common import REPO, Row, reap_all, render_table, write_results
 GROUPS = {
     "emit": "bench.emit",
     "throughput": "bench.throughput",
+    "daemon_cpu": "bench.daemon_cpu",
     "latency": "bench.latency",
     "gradients": "bench.gradients",
     "training": "bench.training",
     "cleanrl": "bench.cleanrl",
     "sb3": "bench.sb3",
     "monitor": "bench.monitor",
+    "memory": "bench.memory",
     "web": "bench.web",
 }
 

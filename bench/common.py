@@ -116,7 +116,7 @@ def percentile(xs: Sequence[float], q: float) -> float:
 
 # ---------------------------------------------------------------------------- processes
 
-_started_popen: list[subprocess.Popen[str]] = []
+_started_popen: list[subprocess.Popen[Any]] = []
 _started_mp: list[BaseProcess] = []
 
 
@@ -169,6 +169,41 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def start_cli(args: list[str], **popen_kwargs: Any) -> subprocess.Popen[bytes]:
+    """Start ``python -m bus.cli ARGS`` (a real ``trainbus`` command) in its own process
+    group, registered so that :func:`reap_all` ends it whatever happens. Output goes where
+    ``popen_kwargs`` say (default: discarded), never to an unread pipe that could fill."""
+    popen_kwargs.setdefault("stdin", subprocess.DEVNULL)
+    popen_kwargs.setdefault("stdout", subprocess.DEVNULL)
+    popen_kwargs.setdefault("stderr", subprocess.DEVNULL)
+    popen: subprocess.Popen[bytes] = subprocess.Popen(
+        [sys.executable, "-m", "bus.cli", *args], env=clean_env(), cwd=REPO,
+        start_new_session=True, **popen_kwargs)
+    _started_popen.append(popen)
+    return popen
+
+
+def stop_cli(popen: subprocess.Popen[Any], timeout: float = 10.0) -> int | None:
+    """SIGTERM (a consumer's clean stop: it logs its exit line), then SIGKILL after
+    ``timeout``; returns the exit code (None if it could not be reaped)."""
+    if popen.poll() is None:
+        try:
+            os.kill(popen.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            try:
+                popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                return None
+    if popen in _started_popen:
+        _started_popen.remove(popen)
+    return popen.returncode
+
+
 @dataclass
 class DaemonProc:
     """A real ``trainbus daemon`` subprocess on ephemeral loopback ports."""
@@ -189,8 +224,22 @@ class DaemonProc:
 @contextmanager
 def running_daemon(*extra: str) -> Iterator[DaemonProc]:
     """Start ``python -m bus.cli daemon`` and yield once its ready line names the ports."""
-    cmd = [sys.executable, "-m", "bus.cli", "daemon", "--publish", EPHEMERAL,
-           "--subscribe", EPHEMERAL, "--snapshot", EPHEMERAL, *extra]
+    with _running_forwarder([sys.executable, "-m", "bus.cli", "daemon", "--publish", EPHEMERAL,
+                             "--subscribe", EPHEMERAL, "--snapshot", EPHEMERAL, *extra]) as daemon:
+        yield daemon
+
+
+@contextmanager
+def running_bare_proxy() -> Iterator[DaemonProc]:
+    """Start :mod:`bench.bare_proxy` (a bare ``zmq.proxy`` process, no snapshot port),
+    driven like a daemon: the baseline of the daemon CPU row."""
+    with _running_forwarder([sys.executable, "-m", "bench.bare_proxy"]) as proxy:
+        yield proxy
+
+
+@contextmanager
+def _running_forwarder(cmd: list[str]) -> Iterator[DaemonProc]:
+    """Start ``cmd`` and yield once its ready line (``publish=EP subscribe=EP ...``) is in."""
     popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              stdin=subprocess.DEVNULL, text=True, env=clean_env(), cwd=REPO,
                              start_new_session=True)

@@ -123,7 +123,7 @@ def run(quick: bool = False) -> list[Row]:
             f"{', '.join(f'{v:.0f}' for v in p50['direct'])} us")
     f50, f99 = median(p50["pipe"]), median(p99["pipe"])
     rows = [
-        ratio_row("latency p50 via daemon", d50, "us", "direct PUB->SUB p50", x50, max_ratio=2.5,
+        ratio_row("latency p50 via daemon", d50, "us", "direct PUB->SUB p50", x50, max_ratio=1.5,
                   note=runs),
         Row("latency p99 via daemon", d99, "us", "direct PUB->SUB p99", x99, d99 / x99,
             "< 1000 us absolute", d99 < 1000.0,

@@ -8,10 +8,15 @@
   streams) at a stepped total rate. A step is *sustained* when the monitor ingested at
   least 95% of what was offered during it, the age of the newest event it had ingested
   stayed under 1 s at every frame (bounded lag, on the producers' wall clock), and no
-  event was lost by seq. The row reports the highest sustained step's ingest rate; the
+  event was lost by seq. Ingested counts every ppo_update the monitor read and accounted
+  for: shown on the rows, or skipped under load (older updates of a stream with a newer
+  one in the same batch, never a NaN/critical one: consumers.monitor.SheddingSubscriber);
+  the note gives both. The row reports the highest sustained step's ingest rate; the
   baseline column is the rate the publishers actually offered. PASS when the 20k step (or a
   higher one) was sustained.
-* **Redraws per second** at the heaviest step, counted at ``Live.update(refresh=True)``.
+* **Redraws per second** at the 20k step (the heaviest if the ramp stopped short),
+  counted at ``Live.update(refresh=True)``, against the requested refresh: PASS when at
+  least 0.9x of it (and never above 10/s, whatever the event rate).
 * **Memory growth over 1M events**: MonitorState fed 1M fresh ppo_update events from 64
   workers in a fresh process (a frame rendered every 50k events, so the draw path is
   included): resident set size at the end minus after a 100k-event warm-up. (RSS, not
@@ -106,11 +111,13 @@ def monitor_main(conn: Connection, spec: dict[str, Any]) -> None:
         from consumers.runtime import Subscriber
 
         state = mon.MonitorState()
-        sub = Subscriber(spec["subscribe"], spec["snapshot"])
+        shedding = getattr(mon, "SheddingSubscriber", None)  # the monitor's own subscriber
+        sub = shedding(spec["subscribe"], spec["snapshot"], must_show=state.must_show) \
+            if shedding is not None else Subscriber(spec["subscribe"], spec["snapshot"])
         deadline = time.monotonic() + 20
         while not sub.ever_connected and time.monotonic() < deadline:
             state.ingest_many(sub.poll(50), time.monotonic())
-        samples: list[tuple[float, float, int, float, int]] = []
+        samples: list[tuple[float, float, int, float, int, int]] = []
 
         class CountingLive(Live):
             """rich's Live, noting time, ingest count and lag at every real redraw."""
@@ -124,7 +131,8 @@ def monitor_main(conn: Connection, spec: dict[str, Any]) -> None:
                 lag = time.time() - newest if newest is not None else math.nan
                 super().update(renderable, refresh=True)
                 samples.append((t0, time.monotonic() - t0, state.events_by_type["ppo_update"],
-                                lag, sub.stats.dropped_by_type["ppo_update"]))
+                                lag, sub.stats.dropped_by_type["ppo_update"],
+                                getattr(sub, "skipped", 0)))
 
         stop = threading.Event()
 
@@ -193,21 +201,28 @@ def _ramp(quick: bool, refresh: float, rates: list[int]) -> dict[str, Any]:
     return result
 
 
-def _judge(step: dict[str, Any], samples: list[tuple[float, float, int, float, int]]) -> dict[str, Any]:
-    """Ingest rate, worst lag, redraw rate and loss inside one step's window."""
+def _judge(step: dict[str, Any],
+           samples: list[tuple[float, float, int, float, int, int]]) -> dict[str, Any]:
+    """Ingest rate (shown + skipped), worst lag, redraw rate and loss inside one step's
+    window."""
     t0, t1 = step["t_start"] + 0.5, step["t_end"]
     inside = [s for s in samples if t0 <= s[0] <= t1]
     after = [s for s in samples if s[0] <= t1 + 1.0]
     before = [s for s in samples if s[0] < step["t_start"]]
     if len(inside) < 2:  # the loop was too busy to redraw twice: certainly not keeping up
-        return {**step, "ingest": math.nan, "lag": max((s[3] for s in inside), default=math.inf),
+        return {**step, "ingest": math.nan, "shown": math.nan, "skipped": math.nan,
+                "lag": max((s[3] for s in inside), default=math.inf),
                 "redraw_hz": len(inside) / (t1 - t0), "lost": 0, "ok": False}
-    ingest = (inside[-1][2] - inside[0][2]) / (inside[-1][0] - inside[0][0])
+    span = inside[-1][0] - inside[0][0]
+    shown = (inside[-1][2] - inside[0][2]) / span
+    skipped = (inside[-1][5] - inside[0][5]) / span
+    ingest = shown + skipped
     lag = max(s[3] for s in inside)
     redraw = (len(inside) - 1) / (inside[-1][0] - inside[0][0])
     lost = (after[-1][4] if after else 0) - (before[-1][4] if before else 0)
     ok = ingest >= 0.95 * step["offered"] and lag < MAX_LAG_S and lost == 0
-    return {**step, "ingest": ingest, "lag": lag, "redraw_hz": redraw, "lost": lost, "ok": ok,
+    return {**step, "ingest": ingest, "shown": shown, "skipped": skipped, "lag": lag,
+            "redraw_hz": redraw, "lost": lost, "ok": ok,
             "render_ms": median([s[1] for s in inside]) * 1e3}
 
 
@@ -284,10 +299,12 @@ def _ramp_rows(quick: bool, refresh: float, label: str, rates: list[int]) -> lis
     judged = [_judge(step, result["samples"]) for step in result["steps"]]
     sustained = [j for j in judged if j["ok"]]
     best = max(sustained, key=lambda j: j["ingest"]) if sustained else None
-    heaviest = judged[-1]
+    heaviest = next((j for j in judged if j["rate"] == 20_000), judged[-1])
     steps_note = "; ".join(
-        f"{j['rate'] // 1000}k: offered {j['offered']:.0f}, ingested {_num(j['ingest'])}/s, "
-        f"max lag {j['lag'] * 1e3:.0f} ms, lost {j['lost']}{'' if j['ok'] else ' (not sustained)'}"
+        f"{j['rate'] // 1000}k: offered {j['offered']:.0f}, ingested {_num(j['ingest'])}/s "
+        f"({_num(j['shown'])} shown, {_num(j['skipped'])} skipped), "
+        f"max lag {j['lag'] * 1e3:.0f} ms, lost {j['lost']}, redraws {j['redraw_hz']:.2f}/s"
+        f"{'' if j['ok'] else ' (not sustained)'}"
         for j in judged)
     value = best["ingest"] if best else 0.0
     return [
@@ -295,11 +312,13 @@ def _ramp_rows(quick: bool, refresh: float, label: str, rates: list[int]) -> lis
             best["offered"] if best else None, value / best["offered"] if best else None,
             ">= 20000 ev/s, lag < 1 s, 0 lost", best is not None and best["rate"] >= 20_000,
             note=f"64 workers; {steps_note}"),
-        Row(f"monitor redraws under load, {label}", heaviest["redraw_hz"], "/s", "", None, None,
-            "<= 10 /s (1% timer slack)", heaviest["redraw_hz"] <= 10.0 * 1.01,
-            note=f"at the heaviest step ({heaviest['rate'] // 1000}k offered, "
-                 f"{_num(heaviest['ingest'])} ev/s ingested); median frame render "
-                 f"{heaviest.get('render_ms', math.nan):.1f} ms"),
+        Row(f"monitor redraws under load, {label}", heaviest["redraw_hz"], "/s", "requested",
+            refresh, heaviest["redraw_hz"] / refresh,
+            ">= 0.9x requested at 20k ev/s, <= 10 /s (1% timer slack)",
+            0.9 * refresh <= heaviest["redraw_hz"] <= 10.0 * 1.01,
+            note=f"at the {heaviest['rate'] // 1000}k step ({heaviest['offered']:.0f} offered, "
+                 f"{_num(heaviest['ingest'])} ev/s ingested, {_num(heaviest['skipped'])}/s of "
+                 f"them skipped); median frame render {heaviest.get('render_ms', math.nan):.1f} ms"),
     ]
 
 

@@ -143,9 +143,11 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
         {"uptime_s": "float", "forwarded": "int", "rejected": "map", "streams_cached": "int"},
         # snapshots_served: snapshot requests answered; streams_evicted: streams dropped
         # from the last-value cache (LRU bound or idle); auth_denied: CURVE clients refused
-        # by the ZAP handler (always 0 without --curve).
+        # by the ZAP handler (always 0 without --curve); frames_forwarded: libzmq's own
+        # count of forwarded frames; cache_dropped: frames the cache never saw (its queue
+        # was full; forwarding carried on).
         {"rate_eps": "float", "snapshots_served": "int", "streams_evicted": "int",
-         "auth_denied": "int"},
+         "auth_denied": "int", "frames_forwarded": "int", "cache_dropped": "int"},
     ),
 }
 

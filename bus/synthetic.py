@@ -8,8 +8,18 @@ Each pattern tells one story an operator should recognise on the monitor:
 * ``explode`` — healthy for 20 updates, then growing ~25 % per update (critical in ~10).
 * ``nan``     — healthy until update 20, then NaN gradients from there on.
 
-Events go through :class:`bus.publisher.EventPublisher`, so they are ordinary protocol-v1
-events: one session per (run, worker), ``seq`` per type, heartbeats every 2 s.
+Events are ordinary protocol-v1 events sent through :class:`bus.publisher.EventPublisher`:
+one session per (run, worker), ``seq`` per type, heartbeats every 2 s. Two options shape
+the fleet rather than the story:
+
+* ``--worker-offset K`` numbers the workers K, K+1, ..., so several publishers (each one
+  process, one core) can simulate one big run together without their streams colliding.
+* ``--restart-every N`` makes every worker restart after each N of its updates, as a
+  preempted or crashed-and-requeued worker does: a new session, ``seq`` from 0 again, no
+  closing heartbeat from the old one, and ``update`` carrying on from where it was (it
+  resumed from its checkpoint). Consumers must count that as a restart, not as loss, and
+  their memory must not keep every session ever seen: ``make bench``'s memory group
+  drives them with exactly this churn.
 """
 
 from __future__ import annotations
@@ -73,6 +83,44 @@ def synthetic_update(pattern: str, update: int, rng: random.Random) -> dict[str,
     }
 
 
+class SyntheticWorker:
+    """One simulated worker's identity on the bus: run, worker id, session and per-type seq.
+
+    Why not :meth:`EventPublisher.publish`'s stamping: that gives each (run, worker) one
+    session for the life of the process (right for the aggregator and alerting, which never
+    restart in place), while a simulated worker must be able to :meth:`restart` with a new
+    session and seq from 0 on the same socket, as a requeued worker would after a crash.
+    """
+
+    __slots__ = ("run", "worker", "session", "_seq", "sessions")
+
+    def __init__(self, run: str, worker: int) -> None:
+        self.run = run
+        self.worker = worker
+        self.session = ""
+        self._seq: dict[str, int] = {}
+        #: Sessions this worker has had (1 + restarts).
+        self.sessions = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """Become a new emitter instance: fresh session id, every seq back to 0."""
+        self.session = uuid.uuid4().hex[:16]
+        self._seq.clear()
+        self.sessions += 1
+
+    def frames(self, event_type: str, fields: dict[str, Any]) -> list[bytes]:
+        """Both frames of this worker's next event of ``event_type`` (envelope added, the
+        type's schema checked: a bad field is a bug here, so it raises ProtocolError)."""
+        seq = self._seq.get(event_type, 0)
+        payload = dict(fields)
+        payload.update(v=protocol.PROTOCOL_VERSION, type=event_type, run=self.run,
+                       worker=self.worker, session=self.session, seq=seq, ts=time.time())
+        protocol.validate_fields(payload, event_type)
+        self._seq[event_type] = seq + 1
+        return [protocol.make_topic(event_type, self.run, self.worker), protocol.pack(payload)]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from bus.cli import add_publisher_arguments, nonneg_int, positive_float, positive_int, run_name
 
@@ -80,6 +128,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=run_name, default=None,
                         help="run name (default: synthetic-<4 hex>)")
     parser.add_argument("--workers", type=positive_int, default=1, help="workers to simulate (default 1)")
+    parser.add_argument("--worker-offset", metavar="K", type=nonneg_int, default=0,
+                        help="number the workers K, K+1, ... so several publishers can simulate "
+                             "one big run together (default 0)")
+    parser.add_argument("--restart-every", metavar="N", type=nonneg_int, default=0,
+                        help="restart each worker after every N of its updates: new session, "
+                             "seq from 0, update carries on (default 0: never)")
     parser.add_argument("--rate", type=positive_float, default=10.0,
                         help="updates per second per worker (default 10)")
     parser.add_argument("--count", type=nonneg_int, default=0,
@@ -97,28 +151,36 @@ def run(args: argparse.Namespace) -> int:
     if not publisher.wait_for_bus(args.wait):
         log.warning("no daemon at %s after %.1fs; publishing anyway (events are dropped until it is up)",
                     publisher.endpoint, args.wait)
-    log.info("publishing run %s: %d worker(s) at %.1f Hz, pattern %s", run_id, args.workers,
-             args.rate, args.pattern)
-    rngs = [random.Random(args.seed * 1000 + w) for w in range(args.workers)]
+    ids = range(args.worker_offset, args.worker_offset + args.workers)
+    log.info("publishing run %s: worker(s) %d..%d at %.1f Hz, pattern %s%s", run_id, ids[0], ids[-1],
+             args.rate, args.pattern,
+             f", each restarting every {args.restart_every} update(s)" if args.restart_every else "")
+    # Seeded by the worker's own id, so worker 7 tells the same story whichever publisher
+    # (and offset) simulates it.
+    workers = [(SyntheticWorker(run_id, w), random.Random(args.seed * 1000 + w)) for w in ids]
     start = time.monotonic()
     next_heartbeat = start
     update = 0
     try:
         while not stop.is_set() and (args.count == 0 or update < args.count):
-            for worker in range(args.workers):
-                publisher.publish(protocol.PPO_UPDATE, run_id, worker,
-                                  synthetic_update(args.pattern, update, rngs[worker]))
+            restart = args.restart_every and update and update % args.restart_every == 0
+            for worker, rng in workers:
+                if restart:
+                    worker.restart()
+                publisher.send_frames(worker.frames(protocol.PPO_UPDATE,
+                                                    synthetic_update(args.pattern, update, rng)))
             update += 1
             now = time.monotonic()
             if now >= next_heartbeat:
-                for worker in range(args.workers):
-                    publisher.publish(protocol.HEARTBEAT, run_id, worker,
-                                      {"interval_s": HEARTBEAT_INTERVAL_S, "last_update": update - 1})
+                for worker, _rng in workers:
+                    publisher.send_frames(worker.frames(
+                        protocol.HEARTBEAT, {"interval_s": HEARTBEAT_INTERVAL_S, "last_update": update - 1}))
                 next_heartbeat = now + HEARTBEAT_INTERVAL_S
             delay = start + update / args.rate - time.monotonic()
             if delay > 0:
                 stop.wait(delay)
     finally:
         publisher.close(linger_ms=2000)
-    log.info("published %d event(s), %d dropped at the sender", publisher.sent, publisher.dropped)
+    log.info("published %d event(s) in %d session(s), %d dropped at the sender", publisher.sent,
+             sum(worker.sessions for worker, _rng in workers), publisher.dropped)
     return 0

@@ -77,8 +77,10 @@ class Aggregator:
                  metrics: Iterable[str] = TRACKED_METRICS,
                  book: StreamBook | None = None) -> None:
         # No spike trackers: a summary rolls up latest values, it does not judge spikes.
+        # Producers' own numeric fields are rolled up too (custom=True), by name.
         self.fleet = Fleet(health=health, spikes=(), metrics=metrics, stale_after=stale_after,
-                           forget_after=forget_after, max_workers=max_workers, book=book)
+                           forget_after=forget_after, max_workers=max_workers, custom=True,
+                           book=book)
         self._dirty: set[str] = set()
         self._published_counts: dict[str, tuple[int, int, int]] = {}
 
@@ -139,7 +141,7 @@ class Aggregator:
         self._dirty.clear()
         return due
 
-    def snapshot(self, now: float, wall_time: float | None = None) -> dict[str, Any]:
+    def state(self, now: float, wall_time: float | None = None) -> dict[str, Any]:
         """Everything, for the state file: summaries plus every worker's state."""
         runs: dict[str, dict[str, Any]] = {}
         for run in self.runs():
@@ -251,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
                     published += 1
             if args.state_file and (due or aggregator.events != state_written_at):
                 state_written_at = aggregator.events
-                write_atomic(args.state_file, protocol.to_json(aggregator.snapshot(now)) + "\n")
+                write_atomic(args.state_file, protocol.to_json(aggregator.state(now)) + "\n")
     finally:
         sub.close()
         publisher.close()

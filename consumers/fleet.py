@@ -36,7 +36,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus import protocol
-from consumers.history import HISTORY_LEN, TRACKED_METRICS, History
+from consumers.history import (
+    HISTORY_LEN,
+    MAX_CUSTOM_METRICS,
+    TRACKED_METRICS,
+    History,
+    custom_metrics,
+)
 from consumers.runtime import DEFAULT_FORGET_AFTER_S, StreamBook, StreamState
 from consumers.thresholds import (
     DEFAULT_HEALTH,
@@ -166,6 +172,28 @@ def band_distance(metric: str, value: float, health: HealthTable = DEFAULT_HEALT
     return best
 
 
+def relative_band_distance(metric: str, value: float | None,
+                           health: HealthTable = DEFAULT_HEALTH) -> float | None:
+    """:func:`band_distance` as a fraction of the edge it is measured from (the absolute
+    distance for an edge at 0), so that metrics of different scales can be compared: a
+    KL of 0.045 (3x its 0.015 edge) is further out than a grad norm of 6 (1.2x its 5).
+    +inf for a non-finite value; None for a missing value or a metric without thresholds."""
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        return math.inf
+    best: float | None = None
+    for threshold in health.for_metric(metric):
+        level = threshold.warning if threshold.warning is not None else threshold.critical
+        if level is None:
+            continue
+        distance = value - level if threshold.op == ">" else level - value
+        if level:
+            distance /= abs(level)
+        best = distance if best is None else max(best, distance)
+    return best
+
+
 def rollup(metric: str, values: Mapping[WorkerId, float],
            health: HealthTable = DEFAULT_HEALTH) -> dict[str, Any]:
     """One metric across workers: mean/min/max of the finite values, the worst worker.
@@ -223,9 +251,15 @@ class Fleet:
                  stale_after: float = DEFAULT_STALE_AFTER_S,
                  forget_after: float = DEFAULT_FORGET_AFTER_S,
                  max_workers: int = DEFAULT_MAX_WORKERS,
+                 custom: bool = False,
                  book: StreamBook | None = None) -> None:
         self.health = health
         self.metrics = tuple(metrics)
+        #: ``custom``: also track producers' own numeric fields (issue "your own metrics"),
+        #: the first MAX_CUSTOM_METRICS names seen; later names are counted, not tracked.
+        self.custom = custom
+        self.custom_metrics: list[str] = []
+        self.custom_refused: set[str] = set()
         self.spikes = tuple(s for s in spikes if s.metric in self.metrics)  # needs a history
         self._spike_by_name = {s.name: s for s in self.spikes}
         self.stale_after = stale_after
@@ -237,6 +271,8 @@ class Fleet:
         self.workers: OrderedDict[WorkerKey, Worker] = OrderedDict()
         self._by_run: dict[str, dict[WorkerId, Worker]] = {}
         self.events = 0  # producer events taken in
+        self._verdicts: dict[WorkerKey, tuple[str, str | None]] = {}
+        self._verdict_now: float | None = None
 
     # ------------------------------------------------------------------ input
 
@@ -244,6 +280,8 @@ class Fleet:
         """Take one event; returns the worker it concerns (None for other types, for
         run-level ids, and for a duplicate when this fleet keeps its own book). Cheap:
         called up to tens of thousands of times a second."""
+        if self._verdicts:
+            self._verdicts.clear()  # judged before this event: no longer current
         if self._owns_book and self.book.record(event, now) is None:
             return None
         kind = event.type
@@ -268,6 +306,8 @@ class Fleet:
         return worker
 
     def _observe_update(self, worker: Worker, fields: Mapping[str, Any]) -> None:
+        if self.custom:
+            self._track_custom(worker, fields)
         worker.history.add(fields)
         for spike in self.spikes:
             value = fields.get(spike.metric)
@@ -284,6 +324,23 @@ class Fleet:
         count = fields.get("nonfinite_grad_count")
         if isinstance(count, int) and not isinstance(count, bool) and count > 0:
             worker.nonfinite_elements += count
+
+    def _track_custom(self, worker: Worker, fields: Mapping[str, Any]) -> None:
+        for name in custom_metrics(fields):
+            if name in self.metrics:
+                continue  # configured (a monitor column): tracked from the start
+            if name not in self.custom_metrics:
+                if len(self.custom_metrics) >= MAX_CUSTOM_METRICS:
+                    if len(self.custom_refused) < MAX_CUSTOM_METRICS:
+                        self.custom_refused.add(name)  # a sample, for the log
+                    continue
+                self.custom_metrics.append(name)
+            worker.history.track(name)
+
+    @property
+    def all_metrics(self) -> tuple[str, ...]:
+        """The configured metrics, then the custom ones tracked so far."""
+        return (*self.metrics, *self.custom_metrics)
 
     def _add(self, key: WorkerKey, stream: StreamState) -> Worker:
         worker = Worker(key[0], key[1], History(self.metrics), stream)
@@ -304,6 +361,7 @@ class Fleet:
         """Drop workers silent for longer than ``forget_after``; returns their keys (views
         drop whatever they keep per key, e.g. the exporter's series, with them)."""
         horizon = now - self.forget_after
+        self._verdicts.clear()
         gone = [key for key, worker in self.workers.items() if worker.stream.last_received < horizon]
         for key in gone:
             self._remove(key)
@@ -382,7 +440,20 @@ class Fleet:
         severity the thresholds, then the spikes, are named in their table order.
 
         A finished worker is done before anything else: however long ago it closed, its
-        silence is expected, and its last values are history, not a live condition."""
+        silence is expected, and its last values are history, not a live condition.
+
+        Memoised per ``now`` until the next ingest: a frame asks for every worker's status
+        several times (banner, ranking, counts, its row), the judgement is made once."""
+        if now != self._verdict_now:
+            self._verdicts.clear()
+            self._verdict_now = now
+        key = (worker.run, worker.worker)
+        cached = self._verdicts.get(key)
+        if cached is None:
+            cached = self._verdicts[key] = self._judge(worker, now)
+        return cached
+
+    def _judge(self, worker: Worker, now: float) -> tuple[str, str | None]:
         if worker.stream.finished:
             return DONE, None
         if now - worker.stream.last_received > self.stale_after:
@@ -409,7 +480,7 @@ class Fleet:
         """``updates`` and ``metrics`` of a ppo_summary, over ``workers``' latest values."""
         workers = list(workers)
         out: dict[str, dict[str, Any]] = {}
-        for metric in self.metrics if metrics is None else metrics:
+        for metric in self.all_metrics if metrics is None else metrics:
             values = {w.worker: v for w in workers if (v := w.history.latest(metric)) is not None}
             if values:
                 out[metric] = rollup(metric, values, self.health)
@@ -456,8 +527,39 @@ class Fleet:
                 "max": values[-1] if values else math.nan, "nonfinite": nonfinite,
                 "workers": len(values) + nonfinite, "health": dict(health)}
 
-    def worst(self, run: str, now: float, n: int) -> list[Worker]:
-        """The ``n`` workers of ``run`` in the worst status (ties: lowest worker id)."""
+    def worst(self, run: str, now: float, n: int, *, by_distance: bool = False) -> list[Worker]:
+        """The ``n`` workers of ``run`` in the worst status (ties: lowest worker id).
+
+        ``by_distance``: within one status, the worker furthest outside the healthy band
+        first (:meth:`distance`), then the lowest id — the order a fleet view lists its
+        worst workers in, so that of 300 "ok" workers the ones nearest trouble show."""
         workers = self.run_workers(run)
-        ranked = sorted(workers, key=lambda w: -STATUS_RANK[self.status(w, now)])  # stable
+        if by_distance:
+            ranked = sorted(workers, key=lambda w: self.rank_key(w, now), reverse=True)
+            # reverse=True keeps equal keys in order (stable), so ties stay lowest id first.
+        else:
+            ranked = sorted(workers, key=lambda w: -STATUS_RANK[self.status(w, now)])  # stable
         return ranked[:n]
+
+    def distance(self, worker: Worker) -> float:
+        """How far the worker's latest values are outside the healthy band: the largest
+        :func:`relative_band_distance` over the metrics that decide its status (negative
+        while all are inside; -inf when none is known; +inf for a non-finite one), or a
+        spike's ratio over its warning level when that is larger."""
+        latest = worker.history.latest
+        best = -math.inf
+        for metric in HEALTH_METRICS:
+            distance = relative_band_distance(metric, latest(metric), self.health)
+            if distance is not None and distance > best:
+                best = distance
+        for spike in self.spikes:
+            ratio = self.spike_verdict(worker, spike)[1]
+            if ratio is not None and spike.warning:
+                distance = (ratio - spike.warning) / spike.warning
+                if distance > best:
+                    best = distance
+        return best
+
+    def rank_key(self, worker: Worker, now: float) -> tuple[int, float]:
+        """(status rank, :meth:`distance`): larger is worse."""
+        return (STATUS_RANK[self.status(worker, now)], self.distance(worker))

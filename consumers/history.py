@@ -37,6 +37,7 @@ renderers colour red.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -50,6 +51,31 @@ HISTORY_LEN = 10
 TRACKED_METRICS: tuple[str, ...] = tuple(
     name for name, kind in {**protocol.PPO_UPDATE_REQUIRED, **protocol.PPO_UPDATE_OPTIONAL}.items()
     if kind in ("float", "int") and name not in ("update", "env_steps"))
+
+#: Every ppo_update field the protocol names (envelope included): anything else in an
+#: update is a producer's own field.
+KNOWN_PPO_FIELDS: frozenset[str] = frozenset(
+    (*protocol.ENVELOPE_FIELDS, *protocol.SCHEMAS[protocol.PPO_UPDATE][0],
+     *protocol.SCHEMAS[protocol.PPO_UPDATE][1]))
+#: A producer's own metric name ("your own metrics"): what a rule, a monitor column or an
+#: exporter gauge can name. Letters, digits, ``_ . -``, starting with a letter or ``_``.
+CUSTOM_METRIC_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+#: Most custom metrics one consumer tracks (first seen first): a producer adding a new
+#: field name per update must not grow every consumer's per-worker memory without bound.
+MAX_CUSTOM_METRICS = 16
+
+
+def is_custom_metric(name: str) -> bool:
+    """A name a producer's own numeric field may have (not a protocol field)."""
+    return name not in KNOWN_PPO_FIELDS and CUSTOM_METRIC_PATTERN.fullmatch(name) is not None
+
+
+def custom_metrics(fields: Mapping[str, Any]) -> list[str]:
+    """The producer's own numeric fields in one update's payload (bools are not numbers)."""
+    return [name for name in fields.keys() - KNOWN_PPO_FIELDS
+            if isinstance(fields[name], (int, float)) and not isinstance(fields[name], bool)
+            and CUSTOM_METRIC_PATTERN.fullmatch(name)]
+
 
 TREND_UP = "↑"
 TREND_DOWN = "↓"
@@ -100,6 +126,10 @@ class History:
                     continue
                 value = float(value)
             values.append(value)
+
+    def track(self, metric: str) -> None:
+        """Start a window for one more metric (a custom one, admitted by the caller)."""
+        self.series.setdefault(metric, deque(maxlen=self.maxlen))
 
     def values(self, metric: str) -> list[float]:
         """Oldest-first copy of a metric's window (empty for an untracked metric)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +55,7 @@ from consumers.fleet import (
     WorkerKey,
 )
 from consumers.runtime import DEFAULT_FORGET_AFTER_S, StreamBook
-from consumers.thresholds import DEFAULT_HEALTH, DEFAULT_SPIKES, HealthTable, Spike
+from consumers.thresholds import DEFAULT_HEALTH, DEFAULT_SPIKES, HealthTable, Spike, breaches
 
 __all__ = ["CRITICAL", "DONE", "NAN", "OK", "STALE", "STATUS_RANK", "WAITING", "WARNING",
            "AlertEntry", "Banner", "MonitorState", "MAX_ALERTS", "ROW_METRICS", "FLEET_METRICS"]
@@ -121,8 +121,11 @@ class MonitorState:
                  stale_after: float = DEFAULT_STALE_AFTER_S,
                  forget_after: float = DEFAULT_FORGET_AFTER_S,
                  max_rows: int = DEFAULT_MAX_ROWS,
+                 columns: Iterable[str] = (),
                  book: StreamBook | None = None) -> None:
-        self.fleet = Fleet(health=health, spikes=spikes, metrics=ROW_METRICS,
+        #: Producers' own fields shown as extra columns (``--column NAME``), in order.
+        self.columns = tuple(dict.fromkeys(c for c in columns if c not in ROW_METRICS))
+        self.fleet = Fleet(health=health, spikes=spikes, metrics=(*ROW_METRICS, *self.columns),
                            stale_after=stale_after, forget_after=forget_after,
                            max_workers=max_rows, book=book)
         self.alerts: OrderedDict[tuple[str, WorkerId, str], AlertEntry] = OrderedDict()
@@ -140,6 +143,12 @@ class MonitorState:
         self.rate_eps = 0.0
         self._rate_mark: tuple[float, int] | None = None
         self.log_lines: deque[str] = deque(maxlen=3)
+        #: ppo_updates the process read and accounted for (seq, restarts, age) but did not
+        #: show, to keep its redraw rate under load (see :meth:`must_show`).
+        self.skipped = 0
+        #: (op, critical level) per row metric, for :meth:`must_show`.
+        self._critical = {metric: [(t.op, t.critical) for t in health.for_metric(metric)
+                                   if t.critical is not None] for metric in ROW_METRICS}
 
     # ------------------------------------------------------------------ the fleet
 
@@ -202,8 +211,29 @@ class MonitorState:
         if len(self.alerts) > MAX_ALERTS:
             self.alerts.popitem(last=False)
 
+    def must_show(self, fields: Mapping[str, Any]) -> bool:
+        """Whether a ppo_update's payload must reach the rows even when the process sheds
+        load (an older update of a stream with a newer one in the same batch): a NaN/inf
+        value of any row metric, a value at a critical level, or ``nonfinite_grad_count``
+        above 0. Anything else may be skipped: the status is judged on the newest update,
+        which is never skipped, so what is skipped can only be a healthy or warning value
+        that the next update has already replaced. Cheap (a few dict lookups): it runs on
+        payloads that are not fully decoded, to save that work."""
+        isfinite = math.isfinite
+        for metric, levels in self._critical.items():
+            value = fields.get(metric)
+            if value is None or value.__class__ is bool or not isinstance(value, float | int):
+                continue
+            if not isfinite(value):
+                return True
+            for op, level in levels:
+                if breaches(op, value, level):
+                    return True
+        count = fields.get("nonfinite_grad_count")
+        return isinstance(count, int) and count > 0
+
     def sync(self, now: float, *, connected: bool, ever_connected: bool, rejected: int = 0,
-             lost: int = 0, endpoint: str = "") -> None:
+             lost: int = 0, endpoint: str = "", skipped: int = 0) -> None:
         """Once per frame: the connection state and loss counts from the runtime, the event
         rate, and forgetting long-silent rows (restarts, drops and finished are read from
         the runtime's accounting by reference, so they need no copying)."""
@@ -212,6 +242,7 @@ class MonitorState:
         self.rejected = rejected
         self.lost = lost
         self.endpoint = endpoint
+        self.skipped = skipped
         if self._rate_mark is None:
             self._rate_mark = (now, self.events_total)
         elif now - self._rate_mark[0] >= 1.0:
@@ -224,7 +255,7 @@ class MonitorState:
         """:meth:`sync` from a :class:`consumers.runtime.Subscriber`."""
         self.sync(now, connected=sub.connected, ever_connected=sub.ever_connected,
                   rejected=sub.stats.rejected_total, lost=sub.stats.dropped_total,
-                  endpoint=sub.subscribe_endpoint)
+                  endpoint=sub.subscribe_endpoint, skipped=getattr(sub, "skipped", 0))
 
     # ------------------------------------------------------------------ judgements
 
@@ -315,9 +346,9 @@ class MonitorState:
         an empty row would hide how the run ended."""
         run_rows = self.fleet.run_workers(run)
         if run_rows and all(r.finished for r in run_rows):
-            return "final", dict(self.fleet.rollup(run_rows, FLEET_METRICS),
+            return "final", dict(self.fleet.rollup(run_rows, (*FLEET_METRICS, *self.columns)),
                                  workers_live=0, workers_stale=0)
         entry = self.summaries.get(run)
         if entry is not None and now - entry[1] <= self.stale_after:
             return "aggregator", entry[0]
-        return "local", self.fleet.summary(run, now, FLEET_METRICS)
+        return "local", self.fleet.summary(run, now, (*FLEET_METRICS, *self.columns))

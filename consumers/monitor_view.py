@@ -21,6 +21,15 @@ sparkline and trend, KL, clip fraction, update, age, status with restart/drop ma
 from 120 columns pre-clip norm, entropy, explained variance, episode return and a dropped
 column; from 155 the pre-clip sparkline beside the post-clip one, sps, learning rate and
 room for a spike's factor in the status; from 169 the producer's own timestamp.
+
+Fleets (:func:`plan_runs`): when a run has more workers than the terminal has rows for
+(or, with no height to fit as in ``--once``, more than :data:`ONCE_MAX_WORKERS`), a first
+page of rows in worker order would show whichever workers have low ids, so such a run is
+drawn as a *fleet view* instead: under its Σ row, the distribution of each metric column
+across its live workers (p50 / p90 / max, then warning/critical counts per column) with
+the workers' status counts (STALE, NaN, CRIT, warn, ok, waiting, done) in the status
+column, then its worst workers, worst first (status, then how far outside the healthy
+band: :meth:`consumers.fleet.Fleet.worst`), as many as fit.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from typing import Any
 from rich import box
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -42,7 +52,6 @@ from consumers.fleet import (
     NAN,
     OK,
     STALE,
-    STATUS_RANK,
     WAITING,
     WARNING,
     Worker,
@@ -70,6 +79,21 @@ MISSING = "–"
 #: Lines a frame needs besides worker rows (header, table head, footer, slack).
 _FIXED_LINES = 9
 MAX_ALERT_LINES = 6
+#: Without a height to fit (``--once``, a final frame) a run with more workers than this
+#: is drawn as a fleet view too: a page of 300 rows is no more readable on paper.
+ONCE_MAX_WORKERS = 64
+#: Worst workers a fleet view lists when there is no height to fit.
+ONCE_WORST = 20
+#: The distribution rows under a fleet view's Σ row (one per statistic).
+DIST_ROWS = ("p50", "p90", "max", "warn/crit")
+#: Status counts of a fleet view, worst first: (status, label).
+COUNT_ORDER = ((STALE, "STALE"), (NAN, "NaN"), (CRITICAL, "CRIT"), (WARNING, "warn"), (OK, "ok"),
+               (WAITING, "waiting"), (DONE, "done"))
+#: Columns a fleet view gives a distribution for, and their metric and digits.
+DIST_METRICS = {"grad": ("grad_norm", 3), "pre": ("pre_clip_grad_norm", 3), "kl": ("approx_kl", 4),
+                "clip": ("clip_fraction", 3), "entropy": ("entropy", 3),
+                "ev": ("explained_variance", 2), "ret": ("episode_return_mean", 1),
+                "sps": ("sps", 0)}
 
 
 # --------------------------------------------------------------------- formatting
@@ -209,21 +233,64 @@ WIDTH_BY_TIER = {"worker": (12, 14, 16, 20), "status": (9, 9, 13, 13)}
 SPIKE_RATIO_TIER = 2
 
 
+#: Where ``--column`` metrics go: just before the update counter, at every width (asked for
+#: by name, so never left out for room).
+CUSTOM_BEFORE = "update"
+CUSTOM_HEADER_MAX = 14
+
+
+def custom_columns(names: tuple[str, ...]) -> list[Column]:
+    """Two columns per ``--column`` metric: its latest value, its sparkline and trend."""
+    out: list[Column] = []
+    for name in names:
+        header = name if len(name) <= CUSTOM_HEADER_MAX else name[:CUSTOM_HEADER_MAX - 1] + "…"
+        out.append(Column(f"value:{name}", header, 0, max(9, len(header))))
+        out.append(Column(f"spark:{name}", "last 10", 0, 12, "left"))
+    return out
+
+
+def visible_columns(tier: int, names: tuple[str, ...] = (),
+                    width: int | None = None) -> list[Column]:
+    """The columns of a layout tier, ``--column`` metrics included: all of them, or within
+    ``width`` as many as fit (value and sparkline, else the value alone), in order."""
+    columns = [c for c in COLUMNS if c.tier <= tier]
+    if not names:
+        return columns
+    extra = custom_columns(names)
+    if width is not None:
+        room = width - _columns_width(columns)
+        fitting: list[Column] = []
+        for value, spark in zip(extra[::2], extra[1::2], strict=True):
+            if room >= value.width + spark.width + 4:
+                fitting += [value, spark]
+                room -= value.width + spark.width + 4
+            elif room >= value.width + 2:
+                fitting.append(value)
+                room -= value.width + 2
+        extra = fitting
+    at = next(i for i, c in enumerate(columns) if c.key == CUSTOM_BEFORE)
+    return columns[:at] + extra + columns[at:]
+
+
+def _columns_width(columns: list[Column], tier: int | None = None) -> int:
+    widths = [c.width if tier is None else column_width(c, tier) for c in columns]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
 def column_width(column: Column, tier: int) -> int:
     widths = WIDTH_BY_TIER.get(column.key)
     return widths[tier] if widths is not None else column.width
 
 
-def table_width(tier: int) -> int:
+def table_width(tier: int, names: tuple[str, ...] = ()) -> int:
     """Columns' widths plus one space either side of each (none at the table's edges)."""
-    widths = [column_width(c, tier) for c in COLUMNS if c.tier <= tier]
-    return sum(widths) + 2 * (len(widths) - 1)
+    return _columns_width(visible_columns(tier, names), tier)
 
 
-def tier_for(width: int) -> int:
+def tier_for(width: int, names: tuple[str, ...] = ()) -> int:
     """The richest layout that fits ``width`` columns (the essentials at any width)."""
     for tier in reversed(TIERS[1:]):
-        if table_width(tier) <= width:
+        if table_width(tier, names) <= width:
             return tier
     return 0
 
@@ -276,10 +343,13 @@ def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> di
         "dropped": Text(str(row.dropped) if row.dropped else "", style="yellow"),
         "status": Text(status_label_text, style=STATUS_STYLE[status]),
     }
+    for name in state.columns:
+        cells[f"value:{name}"] = row_metric_text(state, row, name, 3)
+        cells[f"spark:{name}"] = spark_text(state, row, name)
     return cells
 
 
-def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
+def _fleet_cells(state: MonitorState, run: str, now: float, tier: int = 3) -> dict[str, Text]:
     source, summary = state.fleet_row(run, now)
     metrics: dict[str, Any] = summary.get("metrics") or {}
 
@@ -302,11 +372,16 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
     live = int(summary.get("workers_live") or 0)
     total = live + int(summary.get("workers_stale") or 0)
     if total:
-        status = Text(f"{live}/{total} live", style="bold" if live == total else "bold magenta")
+        label = f"{live}/{total} live"
+        if len(label) > WIDTH_BY_TIER["status"][tier]:
+            label = f"{live}/{total}"  # a big fleet at 80 columns: the numbers, not the word
+        status = Text(label, style="bold" if live == total else "bold magenta")
     else:  # only finished workers are left (the header counts them: "N done")
         status = Text("done" if state.finished_workers(run) else "0 live", style="dim")
     label = Text("Σ " + run, style="bold cyan", overflow="ellipsis", no_wrap=True)
+    custom = {f"value:{name}": mean(name, 3) for name in state.columns}
     return {
+        **custom,
         "worker": label, "grad": mean("grad_norm", 3), "spark": worst,
         "pre": mean("pre_clip_grad_norm", 3), "prespark": Text(""), "kl": mean("approx_kl", 4),
         "clip": mean("clip_fraction", 3), "entropy": mean("entropy", 3),
@@ -319,16 +394,117 @@ def _fleet_cells(state: MonitorState, run: str, now: float) -> dict[str, Text]:
     }
 
 
-def _visible_rows(state: MonitorState, now: float, budget: int | None) -> tuple[list[Worker], int]:
-    """Rows to draw: all if they fit, else the worst ``budget`` (the ones an operator must
-    see), drawn in (run, worker) order; plus how many were left out."""
-    rows = state.sorted_rows()
-    if budget is None or len(rows) <= budget:
-        return rows, 0
-    budget = max(1, budget)
-    ranked = sorted(rows, key=lambda r: -STATUS_RANK[state.row_status(r, now)])
-    keep = {id(r) for r in ranked[:budget]}
-    return [r for r in rows if id(r) in keep], len(rows) - budget
+@dataclass(slots=True)
+class RunView:
+    """How one run is drawn in a frame: its rows, and whether as a fleet view (the
+    distribution rows and the worst workers, worst first) or every worker in id order."""
+
+    run: str
+    rows: list[Worker]
+    workers: int  # the run's workers (rows drawn or not)
+    fleet_view: bool = False
+    counts: list[tuple[str, int]] | None = None  # fleet view: (status, workers), worst first
+
+    @property
+    def hidden(self) -> int:
+        return self.workers - len(self.rows)
+
+    @property
+    def extra_lines(self) -> int:
+        """Lines besides the Σ row, its section line and the worker rows."""
+        if not self.fleet_view:
+            return 0
+        return max(len(DIST_ROWS), len(self.counts or ()))
+
+
+def _status_counts(state: MonitorState, workers: list[Worker], now: float) -> list[tuple[str, int]]:
+    """Non-zero counts of the workers' statuses, in :data:`COUNT_ORDER`."""
+    counts = {status: 0 for status, _ in COUNT_ORDER}
+    status_of = state.row_status
+    for worker in workers:
+        counts[status_of(worker, now)] += 1
+    return [(status, counts[status]) for status, _ in COUNT_ORDER if counts[status]]
+
+
+def plan_runs(state: MonitorState, now: float, budget: int | None,
+              once_max: int = ONCE_MAX_WORKERS) -> list[RunView]:
+    """What each run shows. Without a budget (``--once``): every row, except that a run of
+    more than ``once_max`` workers is a fleet view of its :data:`ONCE_WORST` worst. With
+    one (the lines left for worker rows): every row when all fit; else the largest runs
+    become fleet views, one by one, until the rest fit beside them, and the lines left
+    are shared out among the fleet views for their worst workers (at least one each).
+
+    A fleet view's distribution rows replace a page of rows in worker order: the operator
+    sees how the whole fleet stands (p50/p90/max, how many workers in each health) and
+    exactly the workers in trouble, whatever the fleet's size."""
+    fleet = state.fleet
+    by_run = {run: fleet.run_workers(run) for run in state.runs()}
+    views = {run: RunView(run, workers, len(workers)) for run, workers in by_run.items()}
+    if budget is None:
+        big = [run for run, workers in by_run.items() if len(workers) > once_max]
+        shares = {run: ONCE_WORST for run in big}
+    elif sum(len(w) for w in by_run.values()) <= budget:
+        return list(views.values())
+    else:
+        big = []
+        for run in sorted(by_run, key=lambda r: (-len(by_run[r]), r)):
+            big.append(run)
+            views[run].counts = _status_counts(state, by_run[run], now)
+            views[run].fleet_view = True
+            small = sum(len(by_run[r]) for r in by_run if r not in big)
+            used = small + sum(views[r].extra_lines + 1 for r in big)
+            if used <= budget:
+                break
+        left = max(len(big), budget - small - sum(views[r].extra_lines for r in big))
+        shares = {run: left // len(big) + (1 if i < left % len(big) else 0)
+                  for i, run in enumerate(sorted(big, key=lambda r: (len(by_run[r]), r)))}
+    for run in big:
+        view = views[run]
+        if view.counts is None:
+            view.counts = _status_counts(state, by_run[run], now)
+        view.fleet_view = True
+        view.rows = fleet.worst(run, now, max(1, shares[run]), by_distance=True)
+    return list(views.values())
+
+
+def _distribution_cells(state: MonitorState, run: str, now: float,
+                        counts: list[tuple[str, int]]) -> list[dict[str, Text]]:
+    """A fleet view's rows under its Σ row: p50, p90 and max of each metric column across
+    the run's live workers, then per column how many of them are warning/critical (NaN
+    counts as critical; for a metric without thresholds, how many are non-finite); the
+    status column lists how many workers are in each status, worst first."""
+    dists = {key: state.fleet.distribution(run, metric, now)
+             for key, (metric, _) in DIST_METRICS.items()}
+    lines = max(len(DIST_ROWS), len(counts))
+    out: list[dict[str, Text]] = []
+    for i in range(lines):
+        stat = DIST_ROWS[i] if i < len(DIST_ROWS) else ""
+        cells = {c.key: Text("") for c in COLUMNS}
+        cells["worker"] = Text(f"  {stat}", style="cyan")
+        for key, (metric, digits) in DIST_METRICS.items():
+            dist = dists[key]
+            if stat in ("p50", "p90", "max"):
+                value = dist[stat]
+                if not dist["workers"]:
+                    cells[key] = Text(MISSING, style="dim")
+                elif math.isnan(value):  # every live value non-finite
+                    cells[key] = Text(f"NaN×{dist['nonfinite']}", style=NONFINITE_STYLE)
+                else:
+                    cells[key] = metric_text(state, metric, value, digits)
+            elif stat == "warn/crit":
+                health = dist["health"]
+                warn, crit = health.get("warning", 0), health.get("critical", 0)
+                if state.health.for_metric(metric):
+                    style = HEALTH_STYLE["critical"] if crit else \
+                        HEALTH_STYLE["warning"] if warn else "dim"
+                    cells[key] = Text(f"{warn}/{crit}", style=style)
+                elif dist["nonfinite"]:
+                    cells[key] = Text(f"NaN×{dist['nonfinite']}", style=NONFINITE_STYLE)
+        if i < len(counts):
+            status, count = counts[i]
+            cells["status"] = Text(f"{count} {dict(COUNT_ORDER)[status]}", style=STATUS_STYLE[status])
+        out.append(cells)
+    return out
 
 
 # --------------------------------------------------------------------- the frame
@@ -355,13 +531,22 @@ class MonitorView:
         if self.fit_height:
             height = options.height or console.size.height
             budget = height - _FIXED_LINES - 2 * len(runs) - (alerts_lines(state) if alerts else 0)
-        rows, hidden = _visible_rows(state, now, budget)
+        views = plan_runs(state, now, budget)
+        hidden = sum(view.hidden for view in views)
         parts: list[Any] = [self._header(width)]
         if runs:
-            parts.append(self._table(rows, runs, tier_for(width)))
+            parts.append(self._table(views, tier_for(width, state.columns), width))
+            shown = {c.key for c in visible_columns(tier_for(width, state.columns),
+                                                      state.columns, width)}
+            left_out = [n for n in state.columns if f"value:{n}" not in shown]
+            if left_out:
+                parts.append(Text(f"  --column {', '.join(left_out)}: no room at {width} "
+                                  "columns; widen the terminal", style="dim", no_wrap=True,
+                                  overflow="ellipsis"))
             if hidden:
-                parts.append(Text(f"  … {hidden} more worker(s) not shown (the healthiest); "
-                                  "widen or heighten the terminal, or use --run", style="dim"))
+                advice = "; widen or heighten the terminal, or use --run" if width >= 100 else ""
+                parts.append(Text(f"  … {hidden} more worker(s) not shown (the healthiest){advice}",
+                                  style="dim", no_wrap=True, overflow="ellipsis"))
         if alerts is not None:
             parts.append(alerts)
         parts.append(self._footer())
@@ -395,32 +580,73 @@ class MonitorView:
         grid.add_row(left, right if width >= 100 else Text(""))
         return grid
 
-    def _table(self, rows: list[Worker], runs: list[str], tier: int) -> Table:
-        columns = [c for c in COLUMNS if c.tier <= tier]
-        # SIMPLE_HEAD draws its column dividers as a space: with one space of right padding
-        # that makes the two-space gap table_width() counts.
-        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0),
-                      header_style="bold", expand=False)
+    def _table(self, views: list[RunView], tier: int, width: int) -> Group:
+        """The rows, laid out by hand as one :class:`Text` per line.
+
+        Not a rich ``Table``: measuring and padding ~900 cells through rich's layout
+        engine took ~200 ms a frame on the 2-core bench machine under load (the redraw
+        rate could not reach 4 Hz, let alone 10); fixed columns need none of it. It draws
+        what the table did: a bold header, a rule, runs separated by a blank line, cells
+        justified in their column and cut with "…" when too long, a column wider than its
+        normal width when its content needs it and the width allows (``worst w299 12.00``),
+        stale and finished rows dimmed as a whole."""
+        columns = visible_columns(tier, self.state.columns, width)
+        blank = Text("")
+        body: list[tuple[dict[str, Text], str] | None] = []  # None: a blank line between runs
+        state, now = self.state, self.now
+        for i, view in enumerate(views):
+            if i:
+                body.append(None)
+            body.append((_fleet_cells(state, view.run, now, tier), ""))
+            if view.fleet_view:
+                body.extend((cells, "") for cells in
+                            _distribution_cells(state, view.run, now, view.counts or []))
+            for row in view.rows:
+                old_news = state.row_status(row, now) in (STALE, DONE)
+                body.append((_worker_cells(state, row, now, tier), "dim" if old_news else ""))
+        widths: list[int] = []
         for column in columns:
-            worker = column.key == "worker"
-            width = column_width(column, tier)
-            table.add_column(column.header, justify=column.justify,  # type: ignore[arg-type]
-                             min_width=None if worker else width,
-                             max_width=width if worker else None,
-                             no_wrap=True, overflow="ellipsis")
-        by_run: dict[str, list[Worker]] = {run: [] for run in runs}
-        for row in rows:
-            by_run.setdefault(row.run, []).append(row)
-        for run in runs:
-            fleet = _fleet_cells(self.state, run, self.now)
-            run_rows = by_run.get(run, [])
-            table.add_row(*(fleet[c.key] for c in columns), end_section=not run_rows)
-            for i, row in enumerate(run_rows):
-                cells = _worker_cells(self.state, row, self.now, tier)
-                old_news = self.state.row_status(row, self.now) in (STALE, DONE)
-                table.add_row(*(cells[c.key] for c in columns), style="dim" if old_news else None,
-                              end_section=i == len(run_rows) - 1)
-        return table
+            base = column_width(column, tier)
+            content = max([len(column.header)] + [entry[0].get(column.key, blank).cell_len
+                                                  for entry in body if entry is not None])
+            widths.append(min(content, base) if column.key == "worker" else max(base, content))
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        for j in sorted(range(len(columns)), key=lambda j: column_width(columns[j], tier) - widths[j]):
+            if over <= 0:
+                break
+            cut = min(over, max(0, widths[j] - column_width(columns[j], tier)))
+            widths[j] -= cut
+            over -= cut
+        total = sum(widths) + 2 * (len(widths) - 1)
+        header = Text(style="bold", no_wrap=True, end="")
+        for j, column in enumerate(columns):
+            if j:
+                header.append("  ")
+            header.append(column.header.rjust(widths[j]) if column.justify == "right"
+                          else column.header.ljust(widths[j]))
+        lines: list[Text] = [header, Text("─" * total, no_wrap=True, end="")]
+        for entry in body:
+            if entry is None:
+                lines.append(Text("", end=""))
+                continue
+            cells, style = entry
+            line = Text(style=style, no_wrap=True, end="")
+            for j, column in enumerate(columns):
+                if j:
+                    line.append("  ")
+                cell = cells.get(column.key) or Text("")
+                w = widths[j]
+                if cell.cell_len > w:
+                    cell.truncate(w, overflow="ellipsis")
+                pad = w - cell.cell_len
+                if column.justify == "right":
+                    line.append(" " * pad)
+                    line.append_text(cell)
+                else:
+                    line.append_text(cell)
+                    line.append(" " * pad)
+            lines.append(line)
+        return _Lines(lines)
 
     def _alerts_panel(self, width: int) -> Panel | None:
         """Firing alerts, critical first then oldest first; one line each (cut at the
@@ -459,6 +685,11 @@ class MonitorView:
         text.append(f"lost {state.lost}", style="yellow" if state.lost else "")
         text.append(" · ")
         text.append(f"rejected {state.rejected}", style="yellow" if state.rejected else "")
+        if state.skipped:
+            # Read and accounted for, not drawn: older updates of a stream that had a newer
+            # one in the same batch while the monitor was behind (never a NaN/critical one).
+            text.append(" · ")
+            text.append(f"skipped {state.skipped:,} (load)", style="yellow")
         if not state.alerts:  # firing ones have their own panel
             text.append(" · alerts: none firing" if state.alert_events
                         else " · alerts: no alerting process seen")
@@ -471,6 +702,20 @@ class MonitorView:
         for line in state.log_lines:
             text.append("\n" + line)
         return text
+
+
+class _Lines:
+    """Lines of :class:`Text`, one per screen line, rendered straight to segments (no
+    wrapping or measuring: :meth:`MonitorView._table` made them fit)."""
+
+    def __init__(self, lines: list[Text]) -> None:
+        self.lines = lines
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        new_line = Segment.line()
+        for line in self.lines:
+            yield from line.render(console)
+            yield new_line
 
 
 def alerts_lines(state: MonitorState) -> int:

@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 import threading
 import time
@@ -103,6 +104,16 @@ EXPORTED_METRICS: tuple[str, ...] = tuple(
 DEFAULT_FORGET_AFTER_S = 600.0
 
 
+#: Prefix of the gauge family of a producer's own numeric field ("your own metrics").
+CUSTOM_PREFIX = "trainbus_custom_"
+
+
+def custom_series_name(field: str) -> str:
+    """The gauge family of a producer's own field: ``trainbus_custom_`` + the name with
+    every character Prometheus does not allow in a metric name (``.``, ``-``) as ``_``."""
+    return CUSTOM_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", field)
+
+
 def _worse(value: float, current: float) -> bool:
     """Whether ``value`` should replace ``current`` as the peak: NaN sticks, then max."""
     if math.isnan(current):
@@ -123,7 +134,7 @@ class ExporterState:
                  book: StreamBook | None = None) -> None:
         self.lock = threading.Lock()
         self.fleet = Fleet(spikes=(), metrics=EXPORTED_METRICS, forget_after=forget_after,
-                           book=book)
+                           custom=True, book=book)
         self.peaks: dict[WorkerKey, dict[str, float]] = {}  # since the last scrape
         self.alerts: Counter[tuple[str, str, str, str]] = Counter()
         self.events = 0
@@ -214,6 +225,13 @@ class BusCollector:
                                        "Invalid messages this exporter rejected, by reason.",
                                        labels=["reason"])
         with state.lock:
+            custom: dict[str, GaugeMetricFamily] = {}
+            for name in state.fleet.custom_metrics:
+                family = custom_series_name(name)
+                if all(f.name != family for f in custom.values()):  # a.b and a_b: first wins
+                    custom[name] = GaugeMetricFamily(
+                        family, f"Producer-defined ppo_update field {name!r} (latest value).",
+                        labels=list(STREAM_LABELS))
             for w in state.fleet.sorted_workers():
                 labels = [w.run, str(w.worker)]
                 latest = w.history.latest
@@ -227,6 +245,10 @@ class BusCollector:
                         w.env_steps if name == "env_steps" else latest(name)
                     if value is not None:
                         gauges[name].add_metric(labels, float(value) * scale)
+                for name, family in custom.items():
+                    value = latest(name)
+                    if value is not None:
+                        family.add_metric(labels, value)
                 if w.updates:
                     updates.add_metric(labels, w.updates)
                     nonfinite.add_metric(labels, w.nonfinite_updates)
@@ -246,6 +268,7 @@ class BusCollector:
         yield grad
         # Optional metrics nobody reports would only add empty HELP/TYPE noise.
         yield from (family for family in gauges.values() if family.samples)
+        yield from (family for family in custom.values() if family.samples)
         yield from (updates, nonfinite, elements, dropped, restarts, age, last_ts, alerts,
                     connected, events, rejected)
 

@@ -285,9 +285,11 @@ class Subscriber:
 
     # ------------------------------------------------------------------ polling
 
-    def poll(self, timeout_ms: int = 100) -> list[protocol.Event]:
+    def poll(self, timeout_ms: int = 100, max_messages: int = MAX_BATCH) -> list[protocol.Event]:
         """Events that arrived within ``timeout_ms`` (snapshot events first after a
-        (re)connect), validated, filtered and de-duplicated. Never busy-waits."""
+        (re)connect), validated, filtered and de-duplicated. Never busy-waits. At most
+        ``max_messages`` live messages are read per call (a consumer with a frame to draw
+        passes a small number, so one call cannot outlast its time budget)."""
         events: list[protocol.Event] = []
         now = time.monotonic()
         if self._retry_at is not None and now >= self._retry_at:
@@ -314,7 +316,7 @@ class Subscriber:
             events.extend(self._fetch_snapshot())
             live_ready = True
         if live_ready:
-            self._drain(events)
+            self._drain(events, max_messages)
         return events
 
     def _drain_monitor(self) -> None:
@@ -365,9 +367,9 @@ class Subscriber:
             pass  # ZeroMQ already dropped the endpoint
         self._sock.connect(self.subscribe_endpoint)
 
-    def _drain(self, events: list[protocol.Event]) -> None:
+    def _drain(self, events: list[protocol.Event], limit: int = MAX_BATCH) -> None:
         sock = self._sock
-        for _ in range(MAX_BATCH):
+        for _ in range(limit):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:

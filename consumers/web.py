@@ -297,7 +297,9 @@ class WebHub:
                          for m, entry in metrics.items() if isinstance(entry, dict)}
         if len(workers) > self.max_rows:
             out["dist"] = {m: _clean(state.fleet.distribution(run, m, now)) for m in DIST_METRICS}
-            out["worst"] = [f"{w.run}/{w.worker}" for w in state.fleet.worst(run, now, self.worst_n)]
+            # The console's choice: worst status first, then furthest outside the band.
+            worst = state.fleet.worst(run, now, self.worst_n, by_distance=True)
+            out["worst"] = [f"{w.run}/{w.worker}" for w in worst]
         return out
 
     def _alerts(self) -> list[dict[str, Any]]:

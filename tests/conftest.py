@@ -30,6 +30,24 @@ def trainbus_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "bus.cli", *args]
 
 
+def snapshot_reply(snapshot: str, prefix: bytes = b"", timeout_ms: int = 10_000) -> list[bytes]:
+    """A raw snapshot request to the daemon (DEALER): the reply's frames, checked to be a
+    SNAPSHOT reply (``[b"SNAPSHOT", n, topic_1, payload_1, ...]``)."""
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    try:
+        sock.connect(snapshot)
+        sock.send_multipart([b"SNAPSHOT", prefix])
+        assert sock.poll(timeout_ms), "no snapshot reply"
+        reply = sock.recv_multipart()
+    finally:
+        sock.close(linger=0)
+    assert reply[0] == b"SNAPSHOT", reply[:2]
+    return reply
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
              message: str = "condition") -> Any:
     """Poll ``predicate`` until truthy or the deadline passes (then fail the test)."""

@@ -123,7 +123,7 @@ def test_finished_workers_are_neither_live_nor_stale():
     # Much later the other two have gone quiet without closing: stale; worker 2 stays finished.
     summary = agg.due_summaries(10.0)["r"]
     assert (summary["workers_live"], summary["workers_stale"]) == (0, 2)
-    snap = agg.snapshot(10.0)
+    snap = agg.state(10.0)
     assert snap["runs"]["r"]["workers"]["2"]["finished"] is True
     assert snap["runs"]["r"]["workers"]["2"]["live"] is False
     # Restarted (new session, not finished): live again as soon as it speaks.
@@ -147,7 +147,7 @@ def test_aggregator_ignores_run_level_and_other_types_and_bounds_workers():
 def test_snapshot_and_atomic_write(tmp_path):
     agg = Aggregator()
     agg.ingest(event(worker=0, seq=0, grad_norm=math.nan), now=0.0)
-    snap = agg.snapshot(1.0, wall_time=123.0)
+    snap = agg.state(1.0, wall_time=123.0)
     worker = snap["runs"]["r"]["workers"]["0"]
     assert worker["live"] and math.isnan(worker["latest"]["grad_norm"])
     path = tmp_path / "state.json"

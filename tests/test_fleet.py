@@ -107,6 +107,23 @@ def test_fleet_judges_rolls_up_and_ranks_workers():
     assert percentile([], 0.5) != percentile([], 0.5)  # NaN for no values
 
 
+def test_fleet_worst_by_distance_ranks_ties_by_how_far_out_of_band():
+    fleet = Fleet(stale_after=5.0)
+    grads = {0: 1.0, 1: 6.0, 2: 9.0, 3: 4.9, 4: 0.05, 5: 1.0}
+    for worker, grad in grads.items():
+        kl = 0.045 if worker == 5 else 0.004  # 3x its 0.015 edge: critical
+        fleet.ingest(update("r", worker, f"s{worker}", 0, grad_norm=grad, approx_kl=kl), 100.0)
+    # Plain worst: by status only, ties by id (unchanged behaviour).
+    assert [w.worker for w in fleet.worst("r", 100.0, 6)] == [5, 1, 2, 4, 0, 3]
+    # By distance: the critical first; the warnings by how far out relative to their edge
+    # (grad 9: 0.8 of 5 above; 0.05: 0.5 of 0.1 below; 6: 0.2 of 5 above); then the ok
+    # ones nearest an edge first (4.9 is 2% under 5; worker 0's nearest is clip, 60%).
+    ranked = [w.worker for w in fleet.worst("r", 100.0, 6, by_distance=True)]
+    assert ranked == [5, 2, 4, 1, 3, 0]
+    assert fleet.distance(fleet.workers[("r", 3)]) == pytest.approx((4.9 - 5.0) / 5.0)
+    assert fleet.rank_key(fleet.workers[("r", 5)], 100.0) == (4, pytest.approx(2.0))
+
+
 def test_fleet_follows_the_runtime_accounting_by_reference():
     book = StreamBook()
     fleet = Fleet(book=book)  # fed after the runtime accounted, as with a Subscriber

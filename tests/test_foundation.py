@@ -19,7 +19,7 @@ from bus import protocol, transport
 from consumers.runtime import Subscriber
 from emitter.identity import RunNameWarning
 from emitter.telemetry import TelemetryEmitter
-from tests.conftest import ppo_fields, start_daemon, trainbus_cmd, wait_for
+from tests.conftest import ppo_fields, snapshot_reply, start_daemon, trainbus_cmd, wait_for
 
 # ------------------------------------------------------------------ emitter
 
@@ -194,15 +194,7 @@ def test_tail_json_renders_nan_for_jq(procs, daemon):
 
 def _cached_updates(snapshot: str, prefix: bytes) -> list[int]:
     """The ``update`` of every event the daemon caches under ``prefix``, oldest first."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.linger = 0
-    try:
-        sock.connect(snapshot)
-        sock.send_multipart([b"SNAPSHOT", prefix])
-        assert sock.poll(10_000), "no snapshot reply"
-        reply = sock.recv_multipart()
-    finally:
-        sock.close(linger=0)
+    reply = snapshot_reply(snapshot, prefix)
     return [protocol.decode(reply[i:i + 2]).get("update") for i in range(2, len(reply), 2)]
 
 

@@ -275,10 +275,12 @@ def test_filtered_and_bus_stats_events():
 Styled = list[list[tuple[str, str]]]
 
 
-def render(state: MonitorState, width: int = 120) -> tuple[str, Styled]:
-    """The frame as text, and as lines of (segment text, style) from a recording console."""
-    console = Console(record=True, width=width, force_terminal=True, color_system="truecolor")
-    console.print(MonitorView(state, NOW, refresh_hz=4))
+def render(state: MonitorState, width: int = 120, height: int | None = None) -> tuple[str, Styled]:
+    """The frame as text, and as lines of (segment text, style) from a recording console;
+    with ``height``, fitted to a terminal of that height as the live view is."""
+    console = Console(record=True, width=width, height=height, force_terminal=True,
+                      color_system="truecolor")
+    console.print(MonitorView(state, NOW, refresh_hz=4, fit_height=height is not None))
     lines: Styled = [[]]
     for segment in console._record_buffer:
         parts = segment.text.split("\n")
@@ -391,6 +393,99 @@ def test_too_many_rows_for_the_terminal_shows_the_worst():
     text = console.export_text()
     assert "more worker(s) not shown" in text
     assert "  33" in text and "12.000" in text
+
+
+def listed_workers(text: str, run: str = "r") -> dict[int, str]:
+    """Worker rows of a frame (the lines starting with a worker id): id -> the line."""
+    rows: dict[int, str] = {}
+    for line in text.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if line.startswith("  ") and first.isdigit():
+            rows[int(first)] = line
+    return rows
+
+
+def fleet_of(state: MonitorState, n: int, bad: dict[int, float], run: str = "r") -> None:
+    """``n`` healthy workers of ``run`` (grad norms 1.0..2.6), except ``bad``: worker -> grad."""
+    for worker in range(n):
+        feed(state, worker, [1.0, bad.get(worker, 1.0 + (worker % 17) * 0.1)], run=run,
+             session=f"{run}-s{worker}")
+
+
+def test_fleet_view_when_a_run_has_more_workers_than_rows():
+    state = connected_state()
+    bad = {17: math.nan, 123: 12.5, 200: 14.0, 250: math.inf, 299: 11.0}
+    fleet_of(state, 300, bad)
+    for width, height in ((80, 40), (160, 40), (80, 24)):
+        console = Console(record=True, width=width, height=height, color_system=None)
+        console.print(MonitorView(state, NOW, fit_height=True, refresh_hz=4))
+        text = console.export_text()
+        lines = text.splitlines()
+        assert len(lines) <= height, (width, height, text)
+        assert max(len(line) for line in lines) <= width
+        # The distribution of each column across the 300 workers (finite values: 295).
+        dist = {line.split()[0]: line for line in lines if line.split()[:1] in (["p50"], ["p90"],
+                                                                                  ["max"], ["warn/crit"])}
+        assert set(dist) == {"p50", "p90", "max", "warn/crit"}, text
+        assert "1.800" in dist["p50"] and "2.500" in dist["p90"] and "14.000" in dist["max"]
+        assert dist["warn/crit"].split()[1] == "0/5"  # grad norm: 0 warning, 5 critical
+        # Counts by health in the status column, worst first.
+        assert "2 NaN" in dist["p50"] and "3 CRIT" in dist["p90"] and "295 ok" in dist["max"]
+        # The worst workers, worst first: exactly the 5 bad ones, then healthy ones.
+        listed = listed_workers(text)
+        assert set(bad) <= set(listed), text
+        assert list(listed)[:5] == [17, 250, 200, 123, 299]  # NaN (by id), then furthest out
+        assert all(line.rstrip().endswith("ok") for w, line in listed.items() if w not in bad)
+        assert "more worker(s) not shown" in text
+        assert f"{300 - len(listed)} more worker(s)" in text
+    assert len(listed) == 24 - 9 - 2 - 4  # the rest of the height went to the worst rows
+
+
+def test_fleet_view_styles_and_wide_columns():
+    state = connected_state()
+    fleet_of(state, 100, {3: math.nan, 5: 12.0})
+    feed(state, 7, [1.0], approx_kl=0.02)  # a KL warning on a third worker
+    text, styled = render(state, width=160, height=30)
+    assert len(text.splitlines()) <= 30
+    assert "red" in style_of(styled, "12.000", line_with="max")  # a critical max is red
+    assert "green" in style_of(styled, "1.800", line_with="p50")
+    assert "red" in style_of(styled, "0/2", line_with="warn/crit")
+    assert "yellow" in style_of(styled, "1/0", line_with="warn/crit")  # KL: one warning
+    assert "red" in style_of(styled, "1 NaN")
+    # Wider: the distribution of the tier's extra columns too (pre-clip, entropy).
+    p50 = next(line for line in text.splitlines() if line.split()[:1] == ["p50"])
+    assert "0.680" in p50  # entropy
+
+
+def test_small_runs_stay_whole_beside_a_fleet_view():
+    state = connected_state()
+    fleet_of(state, 200, {9: 13.0}, run="big")
+    fleet_of(state, 4, {2: 6.0}, run="small")
+    console = Console(record=True, width=120, height=30, color_system=None)
+    console.print(MonitorView(state, NOW, fit_height=True))
+    text = console.export_text()
+    assert len(text.splitlines()) <= 30
+    small_rows = text[text.index("Σ small"):]
+    assert all(f"  {w} " in small_rows for w in range(4))  # every worker of the small run
+    assert "p50" in text[text.index("Σ big"):text.index("Σ small")]
+    assert "p50" not in small_rows  # only the big run is a fleet view
+    big_rows = listed_workers(text[text.index("Σ big"):text.index("Σ small")])
+    assert list(big_rows)[0] == 9
+
+
+def test_once_keeps_every_row_up_to_64_workers_then_shows_the_fleet_view():
+    from consumers.monitor_view import ONCE_MAX_WORKERS, ONCE_WORST
+
+    state = connected_state()
+    fleet_of(state, ONCE_MAX_WORKERS, {40: 20.0})
+    text = render_text(state, NOW, width=120)
+    assert len(listed_workers(text)) == ONCE_MAX_WORKERS and "p50" not in text
+    assert "not shown" not in text
+    fleet_of(state, ONCE_MAX_WORKERS + 1, {40: 20.0})
+    text = render_text(state, NOW, width=120)
+    listed = listed_workers(text)
+    assert len(listed) == ONCE_WORST and list(listed)[0] == 40 and "p50" in text
+    assert f"{ONCE_MAX_WORKERS + 1 - ONCE_WORST} more worker(s) not shown" in text
 
 
 def feed_pre(state: MonitorState, worker: int, pre_clip: list[float], now: float = NOW,
@@ -562,6 +657,64 @@ def test_monitor_once_shows_a_pre_clip_spike(procs, daemon):
         assert mon.wait(20) == 0
     out = mon.stdout.text()
     assert "WARNING" in out and "warn pre 11x" in out and "pre last 10" in out, out
+
+
+def test_must_show_keeps_every_nan_and_critical_value():
+    state = connected_state()
+    assert not state.must_show(ppo_payload(grad_norm=1.0, approx_kl=0.02))  # a warning: may go
+    assert not state.must_show(ppo_payload(grad_norm=6.0))
+    for news in ({"grad_norm": math.nan}, {"pre_clip_grad_norm": math.inf}, {"lr": math.nan},
+                 {"episode_return_mean": -math.inf}, {"grad_norm": 10.5}, {"approx_kl": 0.05},
+                 {"clip_fraction": 0.35}, {"entropy": 0.005}, {"nonfinite_grad_count": 3}):
+        assert state.must_show(ppo_payload(**news)), news
+
+
+def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, daemon):
+    """Behind a real daemon, a burst read in small batches (as the live loop reads when it
+    is behind): older updates of a stream are skipped and counted, nothing counts as lost,
+    every row ends on its newest update, and the NaN and critical values, though each had
+    newer updates of its worker right behind it, reach the rows."""
+    from consumers.monitor import SheddingSubscriber
+
+    n, workers = 400, 4
+    news = {(1, n - 4): {"grad_norm": math.nan}, (2, n - 3): {"grad_norm": 12.0},
+            (3, n - 3): {"approx_kl": 0.05}, (0, n - 2): {"nonfinite_grad_count": 2}}
+    with SheddingSubscriber(daemon.subscribe, daemon.snapshot, run="load") as sub:
+        state = connected_state(book=sub.book)  # wired as the CLI wires them
+        sub.must_show = state.must_show
+        wait_for(lambda: state.ingest_many(sub.poll(20), time.monotonic()) or sub.stats.snapshots >= 1,
+                 10, message="subscriber connected")
+        emitters = [TelemetryEmitter("load", w, daemon.publish, heartbeat_interval=None)
+                    for w in range(workers)]
+        try:
+            assert all(e.wait_for_bus(10) for e in emitters)
+            for u in range(n):  # the whole burst before the first read: a backlog
+                for w, emitter in enumerate(emitters):
+                    emitter.emit_ppo_update(**ppo_fields(u, **{"grad_norm": 1.0, "approx_kl": 0.004,
+                                                               **news.get((w, u), {})}))
+
+            def all_in() -> bool:
+                state.ingest_many(sub.poll(20, max_messages=50), time.monotonic())
+                return all(sub.book.streams.get(("load", w)) is not None and
+                           sub.book.streams[("load", w)].last_update == n - 1 for w in range(workers))
+
+            wait_for(all_in, 30, message="every worker's last update accounted for")
+        finally:
+            for emitter in emitters:
+                emitter.close()
+    rows = {w: state.rows[("load", w)] for w in range(workers)}
+    assert sub.skipped > 0  # it did shed
+    assert sub.stats.dropped_total == 0 and all(row.dropped == 0 for row in rows.values())
+    assert sum(row.updates for row in rows.values()) + sub.skipped == n * workers
+    assert all(row.update == n - 1 for row in rows.values())  # judged on the newest
+    assert rows[1].nonfinite_updates == 1
+    assert any(v != v for v in rows[1].history.values("grad_norm"))
+    assert 12.0 in rows[2].history.values("grad_norm")
+    assert 0.05 in rows[3].history.values("approx_kl")
+    assert 2 in rows[0].history.values("nonfinite_grad_count")
+    state.sync_from(sub, time.monotonic())
+    text = render_text(state, time.monotonic(), width=120)
+    assert f"skipped {sub.skipped:,} (load)" in text
 
 
 def test_monitor_rejects_refresh_above_10hz(procs):

@@ -32,6 +32,7 @@ from consumers.alerting.sinks import (
     JsonlSink,
     WebhookSink,
 )
+from consumers.fleet import add_fleet_arguments
 from consumers.health import add_rules_argument
 from consumers.runtime import Subscriber, install_stop_handlers
 
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--silent-after", type=positive_float, metavar="S",
                         help="alert when a worker sends nothing for S seconds (default 30)")
     parser.add_argument("--run", type=run_name, metavar="R", help="only watch this run")
+    # A worker forgotten after this much silence has its alerts resolved and its state
+    # dropped (AlertEngine follows the runtime), so memory follows the live workers.
+    add_fleet_arguments(parser, stale=False)
     parser.add_argument("--no-publish", action="store_true",
                         help="do not publish alert/<run>/<worker> events on the bus")
     parser.add_argument("--list-rules", action="store_true",
@@ -100,6 +104,10 @@ def run(args: argparse.Namespace) -> int:
         rules = load_rules(args.rules, silent_after=args.silent_after)
     except RulesError as exc:
         raise UsageError(str(exc)) from None
+    silent = max((r.lowest_level or 0.0 for r in rules.values() if r.kind == "silent"), default=0.0)
+    if args.forget_after <= silent:
+        raise UsageError(f"--forget-after ({args.forget_after:g} s) must be longer than the "
+                         f"silence alert ({silent:g} s): a forgotten worker's alerts resolve")
     if args.format != "text" and not args.list_rules:
         raise UsageError("--format applies to --list-rules only")
     if args.list_rules:
@@ -140,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     dispatcher = Dispatcher(sinks)
 
     stop = install_stop_handlers()
-    sub = Subscriber.from_args(args, types=[protocol.PPO_UPDATE, protocol.HEARTBEAT], run=args.run)
+    sub = Subscriber.from_args(args, types=[protocol.PPO_UPDATE, protocol.HEARTBEAT], run=args.run,
+                               forget_after=args.forget_after)
     if publisher is not None and not publisher.wait_for_bus(PUBLISH_WAIT_S):
         # Alerts raised before the daemon's subscription arrives would be dropped by the
         # sender's filter; without a daemon yet, go on (the other sinks still work).

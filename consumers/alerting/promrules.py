@@ -50,8 +50,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from consumers.alerting.rules import Rule
-from consumers.history import HISTORY_LEN
-from consumers.prometheus_exporter import GAUGE_FIELDS, GRAD_STAGES
+from consumers.history import HISTORY_LEN, is_custom_metric
+from consumers.prometheus_exporter import GAUGE_FIELDS, GRAD_STAGES, custom_series_name
 
 DEFAULT_UPDATE_INTERVAL_S = 10.0
 #: Shortest range for increase()/quantile_over_time(): 4 samples at a 15 s scrape.
@@ -102,7 +102,9 @@ def series_for(metric: str) -> Series | None:
     if stage is not None:
         return Series(f'trainbus_ppo_grad_norm{{stage="{stage}"}}', staged=True)
     spec = GAUGE_FIELDS.get(metric)
-    return Series(spec[0], scale=spec[2]) if spec else None
+    if spec is not None:
+        return Series(spec[0], scale=spec[2])
+    return Series(custom_series_name(metric)) if is_custom_metric(metric) else None
 
 
 def duration(seconds: float) -> str:

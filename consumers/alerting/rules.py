@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bus import protocol
+from consumers.history import is_custom_metric
 from consumers.thresholds import (
     DEFAULT_SPIKES,
     DEFAULT_THRESHOLDS,
@@ -121,6 +122,8 @@ class Rule:
     metrics: tuple[str, ...] = ()
     summary: str = ""
     enabled: bool = True
+    #: ``metric`` (or ``metrics``) names a producer's own field, not a protocol one.
+    custom: bool = False
 
     # ------------------------------------------------------------------ levels
 
@@ -268,10 +271,16 @@ _KEYS: dict[str, str] = {  # TOML key -> expected kind (the dataclass field is "
     "warning": "number", "critical": "number", "for": "posint", "clear": "number",
     "critical_clear": "number", "clear_for": "posint", "repeat": "nonneg", "warmup": "nonnegint",
     "window": "pos", "group_interval": "nonneg", "min_history": "posint", "summary": "str",
-    "enabled": "bool",
+    "enabled": "bool", "custom": "bool",
 }
 _DEFAULTS_KEYS = ("for", "repeat", "clear_for", "group_interval")
 _TOP_KEYS = ("rules", "defaults")
+
+
+def is_metric(name: str) -> bool:
+    """What a rule may watch: a numeric ppo_update field, or a producer's own field (a
+    custom metric, tracked by name by every consumer: consumers.history)."""
+    return name in NUMERIC_METRICS or is_custom_metric(name)
 
 
 def _attr(key: str) -> str:
@@ -312,9 +321,10 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
             raise RulesError(f"{where}: expected \">\" or \"<\", got {value!r}")
         return value
     if kind == "metric":
-        if not isinstance(value, str) or value not in NUMERIC_METRICS:
-            raise RulesError(f"{where}: {value!r} is not a numeric ppo_update field "
-                             f"(one of {', '.join(sorted(NUMERIC_METRICS))})")
+        if not isinstance(value, str) or not is_metric(value):
+            raise RulesError(f"{where}: {value!r} is neither a numeric ppo_update field "
+                             f"(one of {', '.join(sorted(NUMERIC_METRICS))}) nor a name a "
+                             "producer's own field can have ([A-Za-z_][A-Za-z0-9_.-]*)")
         return value
     if kind == "metrics":
         if not isinstance(value, list) or not value:
@@ -328,9 +338,18 @@ def _check_value(where: str, kind: str, value: Any) -> Any:
 def validate_rule(rule: Rule, where: str | None = None) -> Rule:
     """Check a rule's consistency; raise RulesError naming the key at fault."""
     where = where or f"rules.{rule.name}"
-    if rule.kind in METRIC_KINDS and rule.metric not in NUMERIC_METRICS:
+    if rule.kind in METRIC_KINDS and not is_metric(rule.metric):
         raise RulesError(f"{where}.metric: required for a {rule.kind} rule "
                          f"(a numeric ppo_update field), got {rule.metric or 'nothing'!r}")
+    # A producer's own field must be declared as such: a misspelt protocol field
+    # ("grad_nrom") would otherwise be a rule that silently watches nothing.
+    for metric in (rule.metric, *rule.metrics) if rule.kind != "silent" and \
+            rule.kind != "dropped" else ():
+        if metric not in NUMERIC_METRICS and metric != "*" and not rule.custom:
+            key = "metric" if metric == rule.metric else "metrics"
+            raise RulesError(f"{where}.{key}: {metric!r} is not a numeric ppo_update field "
+                             f"(one of {', '.join(sorted(NUMERIC_METRICS))}); for a "
+                             "producer's own field, add custom = true")
     if rule.kind == "spike":
         if rule.op != ">":
             raise RulesError(f"{where}.op: a spike rule is always \">\" (a factor above the median)")
