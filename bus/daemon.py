@@ -682,6 +682,21 @@ class Upstream:
         self.refused = 0
         self.frames = 0
         self._failure_logged = False
+        # The hub side first: a missing or unreadable key file fails here, before anything
+        # else of ours exists (the caller closes the daemon's sockets).
+        self.out = ctx.socket(zmq.PUB)
+        try:
+            if curve_dir:
+                transport.apply_curve_client(self.out, curve_dir)
+        except BaseException:
+            self.out.close(linger=0)
+            raise
+        self.out.linger = transport.DEFAULT_LINGER_MS
+        self.out.sndhwm = hwm
+        self.out.setsockopt(zmq.RECONNECT_IVL, transport.RECONNECT_IVL_MS)
+        self.out.setsockopt(zmq.RECONNECT_IVL_MAX, transport.RECONNECT_IVL_MAX_MS)
+        self.out.setsockopt(zmq.HEARTBEAT_IVL, UPSTREAM_HEARTBEAT_IVL_MS)
+        self.out.setsockopt(zmq.HEARTBEAT_TIMEOUT, UPSTREAM_HEARTBEAT_TIMEOUT_MS)
         local_pub.bind(f"{base}-upstream")
         self.tap = ctx.socket(zmq.SUB)
         self.tap.linger = 0
@@ -690,15 +705,6 @@ class Upstream:
             self.tap.setsockopt(zmq.SUBSCRIBE, f"{event_type}/".encode())
         self.tap.connect(f"{base}-upstream")
         local_pub.getsockopt(zmq.EVENTS)  # attach the tap and apply its subscriptions now
-        self.out = ctx.socket(zmq.PUB)
-        self.out.linger = transport.DEFAULT_LINGER_MS
-        self.out.sndhwm = hwm
-        self.out.setsockopt(zmq.RECONNECT_IVL, transport.RECONNECT_IVL_MS)
-        self.out.setsockopt(zmq.RECONNECT_IVL_MAX, transport.RECONNECT_IVL_MAX_MS)
-        self.out.setsockopt(zmq.HEARTBEAT_IVL, UPSTREAM_HEARTBEAT_IVL_MS)
-        self.out.setsockopt(zmq.HEARTBEAT_TIMEOUT, UPSTREAM_HEARTBEAT_TIMEOUT_MS)
-        if curve_dir:
-            transport.apply_curve_client(self.out, curve_dir)
         # The monitor is attached before connect(), or a fast handshake is over unheard.
         self.monitor = self.out.get_monitor_socket(
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
