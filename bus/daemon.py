@@ -22,6 +22,15 @@ Guarantees:
 * **Bounded cache.** The last ``depth`` events per topic; streams idle longer than
   ``idle_evict_s`` and the least recently active beyond ``max_streams`` are evicted.
 
+Federation (``--upstream EP``): a node daemon also forwards what its local publishers send
+to a hub daemon's publish side, with a second ``zmq_proxy_steerable`` on a thread of its
+own: an inproc SUB on the node's own PUB (subscribed to every event type but
+``bus_stats``) → a PUB connected to the hub (a CURVE client with ``--upstream-curve``).
+Proxies chain, so node → mid → hub works the same way. Events only ever travel up (the
+hub never connects back), so a tree has no way to send an event back where it came
+from; a cycle is a misconfiguration, and the obvious one (``--upstream`` naming this
+daemon's own endpoint) is refused at start-up.
+
 Snapshot protocol (DEALER or REQ client): request ``[b"SNAPSHOT", prefix...]`` (no
 prefix, or an empty one, means everything); reply ``[b"SNAPSHOT", b"<n>", topic_1,
 payload_1, ..., topic_n, payload_n]`` in arrival order, each pair the original two frames.
@@ -70,6 +79,19 @@ MAX_SNAPSHOT_PREFIXES = 64
 #: Snapshot replies queued per client that does not read them; beyond, they are dropped,
 #: so a client that asks and never reads cannot pile up copies of the cache.
 SNAPSHOT_SNDHWM = 16
+#: Events a node daemon keeps for a hub it cannot reach (down, restarting, or reading too
+#: slowly); beyond, new ones are dropped for the hub only (its consumers see seq gaps).
+DEFAULT_UPSTREAM_HWM = 100_000
+#: The upstream tap's own receive queue (the node's PUB adds XPUB_SNDHWM in front of it).
+UPSTREAM_TAP_RCVHWM = 100_000
+#: ZMTP heartbeats on the upstream connection, so a hub that vanished without closing its
+#: TCP connection (power cut, cable) is noticed and reconnected to within seconds.
+UPSTREAM_HEARTBEAT_IVL_MS = 2000
+UPSTREAM_HEARTBEAT_TIMEOUT_MS = 6000
+#: What goes upstream: every event type but the daemon's own statistics. A daemon's
+#: bus_stats describe that daemon to the consumers connected to it; forwarded, every
+#: node's would share the hub's one ``bus_stats/daemon/all`` stream.
+UPSTREAM_TYPES = tuple(t for t in protocol.EVENT_TYPES if t != protocol.BUS_STATS)
 _NOBLOCK = int(zmq.NOBLOCK)
 _MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
 
@@ -198,6 +220,9 @@ class Daemon:
     """Binds the three sockets; :meth:`serve` runs libzmq's proxy on a thread and the
     last-value cache, snapshot port and bus_stats on the calling thread until :meth:`stop`.
 
+    With ``upstream`` (a node daemon) a second proxy thread forwards to a hub, see
+    :class:`Upstream`.
+
     Why this split: forwarding every event through Python cost ~3.9x the CPU of a bare
     ``zmq.proxy``. Now the publish→subscribe path never enters the interpreter: libzmq's
     ``zmq_proxy_steerable`` moves frames from the XSUB to the PUB in C (GIL released),
@@ -209,7 +234,11 @@ class Daemon:
                  max_msg_size: int = protocol.DEFAULT_MAX_MESSAGE_BYTES,
                  stats_interval: float = 5.0, curve_dir: str | None = None,
                  insecure: bool = False, max_streams: int = DEFAULT_MAX_STREAMS,
-                 idle_evict_s: float = DEFAULT_IDLE_EVICT_S) -> None:
+                 idle_evict_s: float = DEFAULT_IDLE_EVICT_S, upstream: str | None = None,
+                 upstream_curve: str | None = None,
+                 upstream_hwm: int = DEFAULT_UPSTREAM_HWM) -> None:
+        if upstream is not None:
+            endpoints.check_upstream(upstream, curve=bool(upstream_curve), insecure=insecure)
         for endpoint in (publish, subscribe, snapshot):
             endpoints.check_bind_allowed(endpoint, curve=bool(curve_dir), insecure=insecure)
             if not endpoints.is_loopback(endpoint) and not curve_dir:
@@ -235,6 +264,8 @@ class Daemon:
         self._ctx = transport.context()
         self._auth = None
         self._proxy_thread: threading.Thread | None = None
+        self._upstream_thread: threading.Thread | None = None
+        self.upstream: Upstream | None = None
         self.authorized: AuthorizedKeys | None = None
         if curve_dir:
             self._start_authenticator(Path(curve_dir))
@@ -263,6 +294,22 @@ class Daemon:
             "snapshot": self.router.getsockopt_string(zmq.LAST_ENDPOINT),
         }
         self._wire_internal()
+        if upstream is not None:
+            # Checked against the endpoints as bound (an ephemeral port is known only now).
+            for role, bound in self.endpoints.items():
+                if endpoints.points_at(upstream, bound):
+                    self.close()
+                    raise endpoints.EndpointError(
+                        f"--upstream {upstream} is this daemon's own {role} endpoint "
+                        f"({bound}): every event would come back to it for ever (a cycle); "
+                        "point it at the hub daemon's publish endpoint")
+            try:
+                self.upstream = Upstream(self._ctx, self.pub,
+                                         f"inproc://trainbus-daemon-{self.session}", upstream,
+                                         upstream_curve, upstream_hwm)
+            except BaseException:
+                self.close()
+                raise
 
     def _wire_internal(self) -> None:
         """The inproc sockets beside the proxy: the cache feed, the bus_stats injector and
@@ -352,6 +399,15 @@ class Daemon:
                 log.error("forwarding stopped: %s", exc)
                 self._running = False
 
+    def _run_upstream_proxy(self) -> None:
+        assert self.upstream is not None
+        try:
+            self.upstream.run_proxy()
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.ETERM:
+                log.error("forwarding upstream stopped: %s", exc)
+                self._running = False
+
     def serve(self) -> None:
         """Start forwarding, then feed the cache, answer snapshots and publish bus_stats.
 
@@ -363,6 +419,11 @@ class Daemon:
         self._proxy_thread.start()
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
+        if self.upstream is not None:
+            self._upstream_thread = threading.Thread(target=self._run_upstream_proxy,
+                                                     name="trainbus-upstream", daemon=True)
+            self._upstream_thread.start()
+            poller.register(self.upstream.monitor, zmq.POLLIN)
         next_stats = time.monotonic()  # the first bus_stats at once: the bus is up
         last_forwarded = 0
         last_stats_time = time.monotonic()
@@ -378,6 +439,8 @@ class Daemon:
                 self._feed_cache()
                 if self.router in ready:
                     self._serve_snapshots()
+                if self.upstream is not None and self.upstream.monitor in ready:
+                    self.upstream.read_events()
                 now = time.monotonic()
                 if now >= next_stats:
                     rate = (self.forwarded - last_forwarded) / max(now - last_stats_time, 1e-9)
@@ -387,19 +450,12 @@ class Daemon:
                     self._reload_authorized()
                     next_stats = now + self.stats_interval
         finally:
-            self._stop_proxy()
-
-    def _stop_proxy(self) -> None:
-        thread = self._proxy_thread
-        if thread is None or not thread.is_alive():
-            return
-        try:
-            self.control.send(b"TERMINATE", zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
-        thread.join(PROXY_JOIN_S)
-        if thread.is_alive():
-            log.warning("the forwarding thread did not stop within %.1f s", PROXY_JOIN_S)
+            # The local proxy first, then the upstream one, so what the first forwarded
+            # last has the best chance to be on its way to the hub.
+            _stop_proxy_thread(self._proxy_thread, self.control, "forwarding")
+            if self.upstream is not None:
+                _stop_proxy_thread(self._upstream_thread, self.upstream.control,
+                                   "upstream forwarding")
 
     def _feed_cache(self, limit: int | None = MAX_FEED_BATCH) -> None:
         """Store what the proxy forwarded since the last call: at most ``limit`` messages
@@ -475,16 +531,7 @@ class Daemon:
     def _proxy_frames(self) -> int | None:
         """Frames libzmq's proxy moved from the publish to the subscribe side so far (its
         STATISTICS command), or None if it did not answer in time."""
-        try:
-            self.control.send(b"STATISTICS", zmq.NOBLOCK)
-            if not self.control.poll(PROXY_JOIN_S * 1000):
-                return None
-            values = self.control.recv_multipart()
-        except zmq.ZMQError:
-            return None
-        if len(values) != 8:
-            return None
-        return int.from_bytes(values[0], sys.byteorder)
+        return proxy_frames(self.control)
 
     def _serve_snapshots(self) -> None:
         for _ in range(100):
@@ -554,6 +601,8 @@ class Daemon:
             "snapshots_served": self.snapshots_served, "streams_evicted": self.cache.evicted,
             "auth_denied": self.authorized.denied if self.authorized is not None else 0,
         }
+        if self.upstream is not None:
+            payload.update(self.upstream.stats())
         self._stats_seq += 1
         try:
             self.stats_pub.send_multipart(protocol.encode(payload), zmq.NOBLOCK)
@@ -567,6 +616,9 @@ class Daemon:
         names = ["feed", "stats_pub", "control", "router"]
         if not proxy_running:
             names += ["_proxy_control", "xsub", "pub"]
+        if self.upstream is not None:
+            self.upstream.close(proxy_running=self._upstream_thread is not None
+                                and self._upstream_thread.is_alive())
         for name in names:
             sock = getattr(self, name, None)
             if sock is not None:
@@ -574,6 +626,171 @@ class Daemon:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+def proxy_frames(control: zmq.Socket) -> int | None:
+    """Frames a ``zmq_proxy_steerable`` moved from its frontend so far (its STATISTICS
+    command on ``control``), or None if it did not answer in time."""
+    try:
+        control.send(b"STATISTICS", zmq.NOBLOCK)
+        if not control.poll(PROXY_JOIN_S * 1000):
+            return None
+        values = control.recv_multipart()
+    except zmq.ZMQError:
+        return None
+    if len(values) != 8:
+        return None
+    return int.from_bytes(values[0], sys.byteorder)
+
+
+def _stop_proxy_thread(thread: threading.Thread | None, control: zmq.Socket, what: str) -> None:
+    if thread is None or not thread.is_alive():
+        return
+    try:
+        control.send(b"TERMINATE", zmq.NOBLOCK)
+    except zmq.ZMQError:
+        pass
+    thread.join(PROXY_JOIN_S)
+    if thread.is_alive():
+        log.warning("the %s thread did not stop within %.1f s", what, PROXY_JOIN_S)
+
+
+class Upstream:
+    """A node daemon's link to its hub: libzmq's proxy from a tap on the node's own PUB to
+    a PUB connected to the hub's publish side, plus a monitor that says what the link does.
+
+    Why this shape: it is the ZeroMQ Guide's proxy chain, nothing home-made. The tap is a
+    subscriber of the node's PUB like any consumer, so the local bus never waits for the
+    hub: while the hub is away the upstream PUB keeps up to ``hwm`` events (ZeroMQ keeps a
+    connecting socket's queue across reconnects) and hands them over when the hub is back;
+    beyond that it drops for the hub alone, which the hub's consumers count as seq gaps
+    (events are forwarded byte for byte, so sessions and seqs are the workers' own).
+
+    The tap subscribes to each event type but ``bus_stats``: the node's statistics stay on
+    the node (its consumers see them; the hub's ``bus_stats/daemon/all`` is the hub's
+    alone), and topics of no known type (garbage a consumer would reject anyway) are not
+    spread across the cluster.
+    """
+
+    def __init__(self, ctx: zmq.Context, local_pub: zmq.Socket, base: str, endpoint: str,
+                 curve_dir: str | None, hwm: int) -> None:
+        self.endpoint = endpoint
+        self.curve_dir = curve_dir
+        self.hwm = hwm
+        self.connected = False
+        self.connects = 0
+        self.refused = 0
+        self.frames = 0
+        self._failure_logged = False
+        # The hub side first: a missing or unreadable key file fails here, before anything
+        # else of ours exists (the caller closes the daemon's sockets).
+        self.out = ctx.socket(zmq.PUB)
+        try:
+            if curve_dir:
+                transport.apply_curve_client(self.out, curve_dir)
+        except BaseException:
+            self.out.close(linger=0)
+            raise
+        self.out.linger = transport.DEFAULT_LINGER_MS
+        self.out.sndhwm = hwm
+        self.out.setsockopt(zmq.RECONNECT_IVL, transport.RECONNECT_IVL_MS)
+        self.out.setsockopt(zmq.RECONNECT_IVL_MAX, transport.RECONNECT_IVL_MAX_MS)
+        self.out.setsockopt(zmq.HEARTBEAT_IVL, UPSTREAM_HEARTBEAT_IVL_MS)
+        self.out.setsockopt(zmq.HEARTBEAT_TIMEOUT, UPSTREAM_HEARTBEAT_TIMEOUT_MS)
+        local_pub.bind(f"{base}-upstream")
+        self.tap = ctx.socket(zmq.SUB)
+        self.tap.linger = 0
+        self.tap.rcvhwm = UPSTREAM_TAP_RCVHWM
+        for event_type in UPSTREAM_TYPES:
+            self.tap.setsockopt(zmq.SUBSCRIBE, f"{event_type}/".encode())
+        self.tap.connect(f"{base}-upstream")
+        local_pub.getsockopt(zmq.EVENTS)  # attach the tap and apply its subscriptions now
+        # The monitor is attached before connect(), or a fast handshake is over unheard.
+        self.monitor = self.out.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+            | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.out.connect(endpoint)
+        self.control = ctx.socket(zmq.PAIR)
+        self.control.linger = 0
+        self.control.bind(f"{base}-upstream-control")
+        self._proxy_control = ctx.socket(zmq.PAIR)
+        self._proxy_control.linger = 0
+        self._proxy_control.connect(f"{base}-upstream-control")
+        log.info("forwarding upstream to %s%s (up to %d events kept while it is away)",
+                 endpoint, " [CURVE]" if curve_dir else "", hwm)
+
+    def run_proxy(self) -> None:
+        """On its own thread: tap -> hub, in libzmq, until TERMINATE."""
+        zmq.proxy_steerable(self.tap, self.out, None, self._proxy_control)
+
+    def read_events(self) -> None:
+        """Log and count what the upstream connection did (called on the main thread)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:
+            try:
+                event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connects += 1
+                self.connected = True
+                self._failure_logged = False
+                log.info("upstream %s: %s", self.endpoint,
+                         "connected" if self.connects == 1 else f"reconnected ({self.connects - 1} time(s))")
+            elif kind == zmq.EVENT_DISCONNECTED:
+                if self.connected:
+                    log.warning("upstream %s: connection lost; keeping up to %d events for it "
+                                "while ZeroMQ reconnects", self.endpoint, self.hwm)
+                self.connected = False
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.refused += 1
+                self.connected = False
+                if not self._failure_logged:
+                    self._failure_logged = True
+                    log.error("upstream %s refused this node's CURVE key (%s/client.key is not in "
+                              "the hub's authorized/ directory): nothing is forwarded",
+                              self.endpoint, self.curve_dir)
+            else:  # a failed handshake: protocol or no detail
+                self.refused += 1
+                self.connected = False
+                if not self._failure_logged:
+                    self._failure_logged = True
+                    log.error("upstream %s: handshake failed (%s): %s", self.endpoint,
+                              event.get("value"),
+                              f"is {self.curve_dir}/server.key the hub's, and does the hub run "
+                              "with --curve?" if self.curve_dir else
+                              "the hub probably requires CURVE (--upstream-curve DIR)")
+
+    def stats(self) -> dict[str, Any]:
+        """The upstream_* fields of the node's bus_stats."""
+        frames = proxy_frames(self.control)
+        if frames is not None:
+            self.frames = frames
+        return {"upstream": self.endpoint, "upstream_connected": self.connected,
+                "upstream_connects": self.connects, "upstream_refused": self.refused,
+                "upstream_frames": self.frames}
+
+    def close(self, proxy_running: bool) -> None:
+        """Close what is ours (the proxy's sockets only once its thread has stopped). The
+        upstream PUB keeps its linger, so the last events still leave for the hub."""
+        names = ["monitor", "control"]
+        if not proxy_running:
+            names += ["_proxy_control", "tap"]
+        for name in names:
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close(linger=0)
+        if not proxy_running:
+            try:
+                self.out.disable_monitor()
+            except zmq.ZMQError:
+                pass
+            self.out.close()
 
 
 # ---------------------------------------------------------------------- CLI
@@ -601,7 +818,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve", metavar="DIR",
                         help="require CURVE on all ports: DIR/server.key_secret, admit keys in DIR/authorized/")
     parser.add_argument("--insecure", action="store_true",
-                        help="allow binding a non-loopback address without CURVE (anyone may connect)")
+                        help="allow binding a non-loopback address without CURVE (anyone may connect), "
+                             "and a non-loopback --upstream without --upstream-curve")
+    parser.add_argument("--upstream", metavar="EP",
+                        help="also forward every event but bus_stats to the hub daemon whose publish "
+                             "side is EP (a node daemon in a cluster; docs/cluster.md)")
+    parser.add_argument("--upstream-curve", metavar="DIR",
+                        help="connect upstream as a CURVE client: DIR holds the hub's server.key and "
+                             "this node's client.key/client.key_secret (trainbus keys client)")
+    parser.add_argument("--upstream-hwm", metavar="N", type=positive_int, default=DEFAULT_UPSTREAM_HWM,
+                        help="events kept for an unreachable hub before dropping for it "
+                             f"(default {DEFAULT_UPSTREAM_HWM})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -611,7 +838,8 @@ def run(args: argparse.Namespace) -> int:
         endpoints.resolve("snapshot", args.snapshot),
         max_msg_size=args.max_msg_size, stats_interval=args.stats_interval,
         curve_dir=args.curve, insecure=args.insecure, max_streams=args.max_streams or 1,
-        idle_evict_s=args.idle_evict,
+        idle_evict_s=args.idle_evict, upstream=args.upstream, upstream_curve=args.upstream_curve,
+        upstream_hwm=args.upstream_hwm,
     )
     signal.signal(signal.SIGINT, daemon.stop)
     signal.signal(signal.SIGTERM, daemon.stop)
@@ -620,7 +848,8 @@ def run(args: argparse.Namespace) -> int:
              eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "")
     # One machine-readable line on stdout, so scripts and tests can use ephemeral ports.
     print(f"trainbus daemon ready publish={eps['publish']} subscribe={eps['subscribe']} "
-          f"snapshot={eps['snapshot']}", flush=True)
+          f"snapshot={eps['snapshot']}" + (f" upstream={args.upstream}" if args.upstream else ""),
+          flush=True)
     try:
         daemon.serve()
     finally:

@@ -91,3 +91,84 @@ def check_bind_allowed(endpoint: str, *, curve: bool, insecure: bool) -> None:
     raise EndpointError(
         f"refusing to bind {endpoint}: not a loopback address; use --curve DIR to require "
         "keys, or --insecure to expose the bus unauthenticated")
+
+
+def check_upstream(endpoint: str, *, curve: bool, insecure: bool) -> None:
+    """Refuse an ``--upstream`` that cannot work or would send telemetry in clear text.
+
+    Like binding: a hub beyond this machine needs CURVE (``--upstream-curve``) or an
+    explicit ``--insecure``. It must name a host and port (connect, not bind)."""
+    check_syntax(endpoint)
+    if endpoint.startswith("inproc://"):
+        raise EndpointError(f"--upstream {endpoint}: inproc:// never leaves this process; "
+                            "give the hub's tcp:// (or ipc://) publish endpoint")
+    host = tcp_host(endpoint)
+    if host is not None:
+        port = endpoint.rsplit(":", 1)[-1]
+        if host in ("*", "", "0.0.0.0", "::") or not port.isdigit():
+            raise EndpointError(f"--upstream {endpoint}: expected the hub's address and port, "
+                                "e.g. tcp://hub:7751")
+    if curve or insecure or is_loopback(endpoint):
+        return
+    raise EndpointError(
+        f"refusing to forward to {endpoint} without CURVE: use --upstream-curve DIR (the hub's "
+        "server.key and this node's client pair), or --insecure to send telemetry in clear text")
+
+
+def _host_port(endpoint: str) -> tuple[str, str] | None:
+    host = tcp_host(endpoint)
+    if host is None:
+        return None
+    return host, endpoint.rsplit(":", 1)[-1]
+
+
+def _is_local_address(address: str) -> bool:
+    """True when ``address`` is assigned to this machine (a socket can be bound to it)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+def points_at(target: str, bound: str) -> bool:
+    """Does connecting to ``target`` reach the socket bound at ``bound`` (a resolved
+    endpoint, as ZeroMQ's LAST_ENDPOINT gives it)? Decides the obvious cases only: the
+    same ipc path, or the same tcp port on an address of this machine that the bind
+    covers (the same address, or any when it bound a wildcard). A name that does not
+    resolve is not judged here (ZeroMQ keeps trying it)."""
+    if target.split("://", 1)[0] != bound.split("://", 1)[0]:
+        return False
+    if target.startswith("ipc://"):
+        return os.path.realpath(target[len("ipc://"):]) == os.path.realpath(bound[len("ipc://"):])
+    if target.startswith("inproc://"):
+        return target == bound
+    target_hp, bound_hp = _host_port(target), _host_port(bound)
+    if target_hp is None or bound_hp is None or target_hp[1] != bound_hp[1]:
+        return False
+    try:
+        targets = {info[4][0] for info in socket.getaddrinfo(target_hp[0], None)}
+    except (OSError, UnicodeError):
+        return False
+    bound_host = bound_hp[0]
+    for address in targets:
+        if not _is_local_address(address):
+            continue
+        if bound_host in ("0.0.0.0", "::", "*", ""):
+            return True
+        try:
+            bound_ip = ipaddress.ip_address(bound_host)
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if ip == bound_ip:
+            return True
+    return False

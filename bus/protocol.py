@@ -146,8 +146,14 @@ SCHEMAS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
         # by the ZAP handler (always 0 without --curve); frames_forwarded: libzmq's own
         # count of forwarded frames; cache_dropped: frames the cache never saw (its queue
         # was full; forwarding carried on).
+        # upstream*: only from a node daemon (--upstream), describing its link to the hub:
+        # the hub's endpoint, whether a connection is up now, handshakes completed (more
+        # than 1: it reconnected), handshakes refused (wrong key), and frames its upstream
+        # proxy handed on. A daemon's bus_stats are never forwarded upstream.
         {"rate_eps": "float", "snapshots_served": "int", "streams_evicted": "int",
-         "auth_denied": "int", "frames_forwarded": "int", "cache_dropped": "int"},
+         "auth_denied": "int", "frames_forwarded": "int", "cache_dropped": "int",
+         "upstream": "str", "upstream_connected": "bool", "upstream_connects": "int",
+         "upstream_refused": "int", "upstream_frames": "int"},
     ),
 }
 

@@ -3,9 +3,9 @@ and SCHEMAS against the README's event tables.
 
 Why run the producers for real: the schemas drifted from what was sent (fields declared
 that nothing sent, fields sent that nothing declared) because each producer builds its
-payload in its own module. Here every one of them runs as an operator runs it — a daemon
-(``bus_stats``), ``trainbus train`` (TelemetryEmitter: ppo_update, periodic and closing
-heartbeats with ``node``), the SB3 callback in a real ``PPO.learn``, ``trainbus publish``,
+payload in its own module. Here every one of them runs as an operator runs it — a node
+daemon forwarding to a hub (``bus_stats`` with its upstream fields), ``trainbus train``
+(TelemetryEmitter: ppo_update, periodic and closing heartbeats with ``node``), the SB3 callback in a real ``PPO.learn``, ``trainbus publish``,
 ``trainbus aggregate`` (ppo_summary) and ``trainbus alert`` driven into firing — and a plain
 SUB socket collects what actually crossed the bus. Any field sent but not declared fails,
 and so does any declared field that none of them sent (every optional field has a
@@ -79,7 +79,9 @@ class BusTap:
 
 
 def run_every_producer(procs: ProcessGroup, tmp_path: Path) -> tuple[BusTap, dict[str, Any]]:
-    daemon = start_daemon(procs, "--stats-interval", "0.2")
+    # A node daemon (--upstream to a hub of its own), so bus_stats' upstream fields are sent.
+    hub = start_daemon(procs, "--stats-interval", "0.2")
+    daemon = start_daemon(procs, "--stats-interval", "0.2", "--upstream", hub.publish)
     tap = BusTap(daemon.subscribe)
     try:
         wait_for(lambda: tap.has("bus_stats/daemon/all"), 15, message="the tap to see bus_stats")
