@@ -30,6 +30,7 @@ GROUPS = {
     "sb3": "bench.sb3",
     "monitor": "bench.monitor",
     "memory": "bench.memory",
+    "fleet": "bench.fleet",
     "web": "bench.web",
 }
 
