@@ -20,6 +20,8 @@ Guarantees to the consumer on top of it:
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import time
 from collections import Counter, OrderedDict, deque
@@ -62,8 +64,32 @@ DEFAULT_MAX_STREAMS = 10_000
 RETIRED_SESSIONS = 4
 #: How often poll() runs StreamBook.forget (it is O(streams)).
 FORGET_EVERY_S = 1.0
+#: How often poll() hands freed heap back to the OS (see release_freed_memory).
+TRIM_EVERY_S = 10.0
 #: Types a worker produces; only these make a (run, worker) stream "alive" or "restarted".
 PRODUCER_TYPES = (protocol.PPO_UPDATE, protocol.HEARTBEAT)
+
+
+def _malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim with
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand heap that was freed back to the operating system (glibc ``malloc_trim``).
+
+    Why: a consumer that fell behind once (a burst, a starved CPU) held up to its receive
+    queue's worth of messages; once they are worked off and idle workers forgotten, glibc
+    keeps the freed pages in its arenas (libzmq's I/O thread has one of its own), so the
+    process's RSS would stay at the burst's high-water mark for weeks. A few milliseconds
+    every TRIM_EVERY_S seconds make RSS follow what the consumer really holds."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def is_closing_heartbeat(event: protocol.Event) -> bool:
@@ -251,6 +277,7 @@ class Subscriber:
         self.book = StreamBook(forget_after=forget_after) if book is None else book
         self.streams = self.book.streams
         self._next_forget = 0.0
+        self._next_trim = time.monotonic() + TRIM_EVERY_S
         self.connected = False
         self.ever_connected = False
         self._prefixes = protocol.subscription_prefixes(self.types, run, worker)
@@ -297,6 +324,9 @@ class Subscriber:
         if now >= self._next_forget:
             self._next_forget = now + FORGET_EVERY_S
             self.book.forget(now)
+            if now >= self._next_trim:
+                self._next_trim = now + TRIM_EVERY_S
+                release_freed_memory()
         if self._first_snapshot_pending:
             # Until the first snapshot is in, leave live events queued in the SUB socket:
             # reading them first would make the (older) cached history look like duplicates.
