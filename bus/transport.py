@@ -104,6 +104,11 @@ def publisher(endpoint: str, curve_dir: str | Path | None = None,
     """
     sock = (ctx or context()).socket(zmq.XPUB)
     _common(sock)
+    # Verbose: every subscription message reaches wait_for_subscriber, also a repeated
+    # one. A connecting socket keeps its pipe (and the subscriptions on it) across a
+    # daemon restart, so the restarted daemon's subscription is a duplicate, which a
+    # plain XPUB swallows: wait_for_bus() then timed out against a daemon that was up.
+    sock.setsockopt(zmq.XPUB_VERBOSE, 1)
     sock.sndhwm = sndhwm
     if curve_dir:
         apply_curve_client(sock, curve_dir)

@@ -224,3 +224,23 @@ def test_consumers_started_before_daemon_wait_quietly(procs: ProcessGroup, tmp_p
         assert "Traceback" not in tail.stderr.text()
     finally:
         sub.close()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_publisher_sees_a_restarted_daemon(procs: ProcessGroup, tmp_path: Path,
+                                           transport: str) -> None:
+    """An open publisher's wait_for_bus() answers True again once a restarted daemon has
+    subscribed (it used to time out: the connecting socket keeps its pipe across the
+    restart, so the new subscription was a duplicate that a plain XPUB swallows)."""
+    from bus.publisher import EventPublisher
+
+    extra = ipc_endpoints(tmp_path) if transport == "ipc" else {}
+    daemon = start_daemon(procs, **extra)
+    eps = {"publish": daemon.publish, "subscribe": daemon.subscribe, "snapshot": daemon.snapshot}
+    with EventPublisher(eps["publish"]) as publisher:
+        assert publisher.wait_for_bus(10)
+        daemon.proc.signal(signal.SIGTERM)
+        assert daemon.proc.wait(timeout=10) == 0
+        assert not publisher.wait_for_bus(0.3)  # nobody there
+        start_daemon(procs, **eps)
+        assert publisher.wait_for_bus(10), "the restarted daemon's subscription never showed"
