@@ -99,6 +99,11 @@ def render_line(event: protocol.Event, health: HealthTable = DEFAULT_HEALTH) -> 
     elif event.type == protocol.BUS_STATS:
         line.append(f"forwarded={f.get('forwarded')} rate={_fmt(f.get('rate_eps'), 1)}/s "
                     f"streams={f.get('streams_cached')} rejected={f.get('rejected')}")
+        if f.get("upstream") is not None:  # a node daemon: how its link to the hub is doing
+            state = "connected" if f.get("upstream_connected") else "DOWN"
+            line.append(f" upstream={f.get('upstream')} {state}",
+                        style="" if f.get("upstream_connected") else "bold red")
+            line.append(f" connects={f.get('upstream_connects')} refused={f.get('upstream_refused')}")
     elif event.type == protocol.PPO_SUMMARY:
         metrics = f.get("metrics") or {}
         grad = metrics.get("grad_norm") or {}

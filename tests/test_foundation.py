@@ -523,3 +523,17 @@ def test_tail_prints_the_closing_heartbeat_recognisably(procs, daemon):
     rendered = render_line(closing)
     assert any(rendered.plain[span.start:span.end] == "closing" and "bold" in str(span.style)
                for span in rendered.spans)
+
+
+def test_tail_line_shows_a_node_daemons_upstream():
+    from consumers.tail import render_line
+
+    base = {"v": 1, "type": "bus_stats", "run": "daemon", "worker": "all", "session": "s",
+            "seq": 0, "ts": 1.0, "uptime_s": 1.0, "forwarded": 5, "rejected": {},
+            "streams_cached": 1}
+    plain = render_line(protocol.decode(protocol.encode(base))).plain
+    assert "upstream" not in plain  # a hub or a lone daemon
+    node = {**base, "upstream": "tcp://hub:7751", "upstream_connected": False,
+            "upstream_connects": 2, "upstream_refused": 1}
+    line = render_line(protocol.decode(protocol.encode(node)))
+    assert "upstream=tcp://hub:7751 DOWN" in line.plain and "refused=1" in line.plain
