@@ -420,12 +420,14 @@ _ENVELOPE_TYPES = (str, str, str, int, float)
 
 
 def decode(frames: list[bytes] | tuple[bytes, ...],
-           max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Event:
+           max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *, check_schema: bool = True) -> Event:
     """Decode and validate one received message, or raise :class:`ProtocolError`.
 
     Checks, in order: frame count, size, topic syntax, msgpack, map with string keys,
     version, envelope types, topic/payload agreement, the type's schema, then nesting
-    depth (``too_deep``, see :data:`MAX_NESTING`).
+    depth (``too_deep``, see :data:`MAX_NESTING`). ``check_schema=False`` stops after the
+    envelope: for a consumer that only accounts for an event (its seq, session, clock)
+    without using its fields, e.g. the monitor shedding load.
     """
     if len(frames) != 2:
         raise ProtocolError("bad_frame_count", f"expected 2 frames, got {len(frames)}")
@@ -483,6 +485,9 @@ def decode(frames: list[bytes] | tuple[bytes, ...],
     ts = payload["ts"]
     if not isinstance(ts, float):
         payload["ts"] = ts = float(ts)
+    if not check_schema:
+        return Event(topic.type, topic.run, topic.worker, payload["session"], payload["seq"],
+                     ts, payload, (topic_bytes, payload_bytes))
     validate_fields(payload, topic.type)
     if nesting_exceeds(payload):
         raise ProtocolError("too_deep", f"maps/lists nested deeper than {MAX_NESTING} levels")

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import msgpack
 import zmq
 
 from bus import protocol
@@ -70,7 +69,6 @@ class SheddingSubscriber(Subscriber):
         super().__init__(*args, **kwargs)
         self.must_show = must_show or (lambda fields: False)
         self.skipped = 0
-        self._topics: dict[bytes, protocol.Topic] = {}
 
     def _drain(self, events: list[protocol.Event], limit: int = MAX_BATCH) -> None:
         sock = self._sock
@@ -100,41 +98,19 @@ class SheddingSubscriber(Subscriber):
     def _skip(self, frames: list[bytes]) -> bool:
         """Account for an older ppo_update without showing it; False to send it the full
         way (it must be shown, or the cheap look cannot vouch for it)."""
-        topic_bytes, payload_bytes = frames
-        if len(topic_bytes) + len(payload_bytes) > self.max_bytes:
+        try:  # the envelope only: a skipped update is accounted for, its schema unchecked
+            event = protocol.decode(frames, self.max_bytes, check_schema=False)
+        except protocol.ProtocolError:
             return False
-        topic = self._topics.get(topic_bytes)
-        if topic is None:
-            try:
-                topic = protocol.parse_topic(topic_bytes)
-            except protocol.ProtocolError:
-                return False
-            if len(self._topics) >= 4 * MAX_BATCH:
-                self._topics.clear()  # bounded: a flood of distinct topics cannot grow it
-            self._topics[topic_bytes] = topic
-        if self.run is not None and topic.run != self.run:
+        if (self.run is not None and event.run != self.run) or self.must_show(event.fields):
             return False
-        try:
-            payload = msgpack.unpackb(payload_bytes, raw=False, strict_map_key=False)
-        except Exception:  # msgpack raises several unrelated types for bad input
-            return False
-        if not isinstance(payload, dict):
-            return False
-        session, seq, ts = payload.get("session"), payload.get("seq"), payload.get("ts")
-        if (payload.get("v") != protocol.PROTOCOL_VERSION or session.__class__ is not str
-                or seq.__class__ is not int or seq < 0 or ts.__class__ is not float
-                or payload.get("type") != topic.type or payload.get("run") != topic.run
-                or payload.get("worker") != topic.worker or self.must_show(payload)):
-            return False
-        event = protocol.Event(topic.type, topic.run, topic.worker, session, seq, ts, payload,
-                               (topic_bytes, payload_bytes))
         self.stats.received += 1
         gap = self.book.record(event, time.monotonic())
         if gap is None:
             self.stats.duplicates += 1
             return True
         if gap:
-            self.stats.dropped_by_type[topic.type] += gap
+            self.stats.dropped_by_type[event.type] += gap
         self.skipped += 1
         return True
 
