@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from consumers.alerting.rules import Rule, RulesError, load_rules
 from consumers.thresholds import (
@@ -29,7 +29,6 @@ from consumers.thresholds import (
     DEFAULT_THRESHOLDS,
     HealthTable,
     Spike,
-    Threshold,
 )
 
 ENV_RULES = "TRAINBUS_RULES"
@@ -48,16 +47,11 @@ DEFAULT = Health(DEFAULT_HEALTH, DEFAULT_SPIKES)
 
 def health_from_rules(rules: Mapping[str, Rule]) -> Health:
     """The health table and spikes that agree with ``rules`` (disabled rules included)."""
-    thresholds: list[Threshold] = []
-    for threshold in DEFAULT_THRESHOLDS:
-        rule = rules.get(threshold.name)
-        if rule is not None and rule.kind == "threshold":
-            threshold = replace(threshold, metric=rule.metric, op=rule.op,
-                                warning=rule.warning, critical=rule.critical)
-        thresholds.append(threshold)
-    known = {t.name for t in DEFAULT_THRESHOLDS}
-    thresholds.extend(rule.threshold for rule in rules.values()
-                      if rule.kind == "threshold" and rule.name not in known)
+    judged = {r.name: r.threshold for r in rules.values() if r.kind == "threshold"}
+    # The built-in thresholds in their table order (a rule's levels where it has one),
+    # then the threshold rules the file added.
+    thresholds = [judged.pop(t.name, t) for t in DEFAULT_THRESHOLDS]
+    thresholds.extend(judged.values())
     spikes = tuple(rule.spike for rule in rules.values() if rule.kind == "spike")
     return Health(HealthTable(thresholds), spikes)
 

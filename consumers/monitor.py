@@ -162,12 +162,12 @@ def run(args: argparse.Namespace) -> int:
 
     from bus.cli import UsageError
     from bus.lifecycle import install_stop_handlers
+    from consumers.alerting.rules import is_metric
     from consumers.health import health_from_args
-    from consumers.history import TRACKED_METRICS, is_custom_metric
     if args.refresh > MAX_REFRESH_HZ:
         raise UsageError(f"--refresh is at most {MAX_REFRESH_HZ:g} Hz (redraws never follow the event rate)")
     for name in args.columns:
-        if name not in TRACKED_METRICS and not is_custom_metric(name):
+        if not is_metric(name):
             raise UsageError(f"--column {name!r}: not a numeric ppo_update field or a name a "
                              "producer's own field can have ([A-Za-z_][A-Za-z0-9_.-]*)")
     health = health_from_args(args)
