@@ -48,6 +48,23 @@ RENDER_EVERY = 50_000
 # ---------------------------------------------------------------------------- children
 
 
+def start_loads(endpoint: str, procs: int, per_proc: int, started: list[Agent],
+                timeout: float) -> list[Agent]:
+    """``procs`` :func:`load_main` processes driving ``per_proc`` workers each (worker ids
+    0.. in order), each one registered in ``started`` for reaping, returned once every
+    one's emitters see the daemon."""
+    loads: list[Agent] = []
+    for p in range(procs):
+        agent = start_agent(load_main, {"endpoint": endpoint,
+                                        "workers": list(range(p * per_proc, (p + 1) * per_proc))})
+        started.append(agent)
+        loads.append(agent)
+    for agent in loads:
+        if not agent.expect("ready", timeout):
+            raise TimeoutError("a load publisher never saw the daemon")
+    return loads
+
+
 def load_main(conn: Connection, spec: dict[str, Any]) -> None:
     """One publisher process driving several workers' emitters at a commanded rate."""
     try:
@@ -172,15 +189,7 @@ def _ramp(quick: bool, refresh: float, rates: list[int]) -> dict[str, Any]:
                                              "snapshot": daemon.snapshot, "refresh": refresh})
         started.append(monitor)
         monitor.expect("ready", 60.0)
-        loads: list[Agent] = []
-        for p in range(LOAD_PROCS):
-            agent = start_agent(load_main, {"endpoint": daemon.publish,
-                                            "workers": list(range(p * per_proc, (p + 1) * per_proc))})
-            started.append(agent)
-            loads.append(agent)
-        for agent in loads:
-            if not agent.expect("ready", 60.0):
-                raise TimeoutError("a load publisher never saw the daemon")
+        loads = start_loads(daemon.publish, LOAD_PROCS, per_proc, started, 60.0)
         for rate in rates:
             t_start = time.monotonic()
             for agent in loads:

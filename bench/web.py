@@ -35,7 +35,6 @@ from bench.common import (
     clean_env,
     percentile,
     running_daemon,
-    start_agent,
     unavailable,
 )
 
@@ -82,19 +81,10 @@ def web_process(daemon: Any) -> Iterator[tuple[subprocess.Popen[str], str]]:
 
 def _scenario(browser: Any, daemon: Any, n_workers: int, rate: float, duration: float,
               procs: int) -> dict[str, Any]:
-    from bench.monitor import load_main
+    from bench.monitor import start_loads
 
     with web_process(daemon) as (web, url), agents() as started:
-        per = n_workers // procs
-        loads = []
-        for i in range(procs):
-            agent = start_agent(load_main, {"endpoint": daemon.publish,
-                                            "workers": list(range(i * per, (i + 1) * per))})
-            started.append(agent)
-            loads.append(agent)
-        for agent in loads:
-            if not agent.expect("ready", 30.0):
-                raise RuntimeError("a publisher never saw the daemon")
+        loads = start_loads(daemon.publish, procs, n_workers // procs, started, 30.0)
         context = browser.new_context(viewport={"width": 1400, "height": 900})
         page = context.new_page()
         try:
