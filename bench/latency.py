@@ -4,10 +4,13 @@ One publisher process emits paced ppo_updates (TelemetryEmitter) carrying
 ``bench_t0_ns = time.monotonic_ns()`` taken just before ``emit_ppo_update``; one
 subscriber process takes ``time.monotonic_ns()`` after ``protocol.decode``. Both read the
 same system-wide CLOCK_MONOTONIC, so each difference is a one-way latency including the
-emit, the hop(s) and the decode. Direct and daemon runs alternate; p50/p99 are taken per
-run (the first 5% of each run, connection warm-up, discarded) and the median over runs
-is reported. A third mode, a bare pipe between two processes at the same pacing, measures
-how late this machine wakes a blocked process at all: the floor under any p99.
+emit, the hop(s) and the decode. Direct, bare-proxy and daemon runs alternate; p50/p99
+are taken per run (the first 5% of each run, connection warm-up, discarded) and the
+median over runs is reported. The bare ``zmq.proxy`` process (:mod:`bench.bare_proxy`)
+prices the forwarding hop itself (two more thread hand-offs and a TCP hop, in libzmq),
+which any forwarder pays: the daemon is judged against it as well as against the direct
+link. A last mode, a bare pipe between two processes at the same pacing, measures how
+late this machine wakes a blocked process at all: the floor under any p99.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from bench.common import (
     median,
     percentile,
     ratio_row,
+    running_bare_proxy,
     running_daemon,
     start_agent,
     sync_subscribers,
@@ -102,29 +106,36 @@ def _one_run(daemon: DaemonProc | None, n: int, tag: str) -> list[float]:
 
 
 def run(quick: bool = False) -> list[Row]:
-    reps = 1 if quick else 3
-    n = 1000 if quick else 3000
-    p50: dict[str, list[float]] = {"direct": [], "daemon": [], "pipe": []}
-    p99: dict[str, list[float]] = {"direct": [], "daemon": [], "pipe": []}
-    with running_daemon() as daemon:
+    reps = 1 if quick else 4
+    n = 1000 if quick else 2500
+    modes = ("direct", "bare", "daemon", "pipe")
+    p50: dict[str, list[float]] = {mode: [] for mode in modes}
+    p99: dict[str, list[float]] = {mode: [] for mode in modes}
+    with running_bare_proxy() as proxy, running_daemon() as daemon:
+        forwarders: dict[str, DaemonProc | None] = {"direct": None, "bare": proxy,
+                                                    "daemon": daemon}
         for rep in range(reps):
-            order = ("direct", "daemon", "pipe") if rep % 2 == 0 else ("pipe", "daemon", "direct")
-            for mode in order:
+            for mode in modes[rep % 4:] + modes[:rep % 4]:  # rotate the order
                 if mode == "pipe":
                     lat = _pipe_floor(n)
                 else:
-                    lat = _one_run(None if mode == "direct" else daemon, n, f"lat-{mode}-{rep}")
+                    lat = _one_run(forwarders[mode], n, f"lat-{mode}-{rep}")
                 p50[mode].append(percentile(lat, 50))
                 p99[mode].append(percentile(lat, 99))
     d50, d99 = median(p50["daemon"]), median(p99["daemon"])
     x50, x99 = median(p50["direct"]), median(p99["direct"])
-    runs = (f"{reps} alternating runs x {n} ev at {RATE} ev/s; per-run p50 daemon "
-            f"{', '.join(f'{v:.0f}' for v in p50['daemon'])} / direct "
+    b50 = median(p50["bare"])
+    runs = (f"{reps} runs in rotating order x {n} ev at {RATE} ev/s; per-run p50 daemon "
+            f"{', '.join(f'{v:.0f}' for v in p50['daemon'])} / bare proxy "
+            f"{', '.join(f'{v:.0f}' for v in p50['bare'])} / direct "
             f"{', '.join(f'{v:.0f}' for v in p50['direct'])} us")
     f50, f99 = median(p50["pipe"]), median(p99["pipe"])
     rows = [
         ratio_row("latency p50 via daemon", d50, "us", "direct PUB->SUB p50", x50, max_ratio=1.5,
-                  note=runs),
+                  note=f"{runs}; a bare zmq.proxy process gave {b50 / x50:.2f}x direct"),
+        ratio_row("latency p50 via daemon vs a bare zmq.proxy process", d50, "us",
+                  "bare zmq.proxy p50", b50, max_ratio=1.15,
+                  note="the same runs: what the daemon adds to the forwarding hop itself"),
         Row("latency p99 via daemon", d99, "us", "direct PUB->SUB p99", x99, d99 / x99,
             "< 1000 us absolute", d99 < 1000.0,
             note=f"per-run p99 daemon {', '.join(f'{v:.0f}' for v in p99['daemon'])} / direct "
