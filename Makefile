@@ -16,11 +16,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) -e '.[train,dev,prometheus,sb3,web-test]'
+	$(PIP) -e '.[train,dev,prometheus,sb3,sb3-contrib,web-test]'
 	touch $(STAMP)
 
 $(VENV)/.bench-installed: $(STAMP)
-	$(PIP) -e '.[train,dev,prometheus,sb3,web-test,bench]'
+	$(PIP) -e '.[train,dev,prometheus,sb3,sb3-contrib,web-test,bench]'
 	touch $@
 
 ## The main job on the embedded default: daemon + training workers + aggregator + alerting + monitor on loopback.
