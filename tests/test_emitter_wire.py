@@ -140,6 +140,21 @@ def test_a_map_too_large_for_a_map16_header_is_still_one_valid_map(wired):
     assert decoded["k69999"] == 69_999 and decoded["seq"] == 0 and decoded["run"] == "wire"
 
 
+def test_a_field_that_cannot_be_packed_raises_and_costs_no_seq(wired):
+    """An extra value msgpack cannot encode is the caller's bug: TypeError, nothing sent,
+    and the next event goes out whole with the next seq (no false gap, no stray frame)."""
+    emitter, sink = wired
+    assert emitter.emit_ppo_update(**ppo_fields(0))
+    with pytest.raises(TypeError):
+        emitter.emit_ppo_update(**ppo_fields(1), weights=object())
+    assert emitter.emit_ppo_update(**ppo_fields(2))
+    first, second = sink.frames(2)
+    assert [protocol.decode(first).seq, protocol.decode(second).seq] == [0, 1]
+    assert protocol.decode(second).get("update") == 2
+    assert sink.quiet()
+    assert (emitter.sent, emitter.dropped, emitter.last_update) == (2, 0, 2)
+
+
 def test_a_reopened_session_packs_its_new_session_id(wired):
     """The pre-packed envelope belongs to a session: a fork's child starts a new one."""
     emitter, sink = wired
