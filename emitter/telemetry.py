@@ -22,7 +22,6 @@ counter (under a lock, after that thread has stopped), so the sequence stays gap
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import socket
 import threading
@@ -48,10 +47,12 @@ HEARTBEAT_SETTLE_S = 0.05
 
 _FLOAT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "float")
 _INT_FIELDS = tuple(k for k, v in protocol.PPO_UPDATE_REQUIRED.items() if v == "int")
-# emit_ppo_update spells its required-field checks out (one `type(x) is float` per field
-# unpacked from an itemgetter: about a third of a generic set-of-types scan). Should the
-# schema change, fail at import rather than check the wrong number of fields.
-if len(_FLOAT_FIELDS) != 9 or _INT_FIELDS != ("update", "env_steps"):
+# emit_ppo_update spells its required-field checks out (a subscript and a `type(x) is`
+# per field: about a third of a generic set-of-types scan). Should the schema change, fail
+# at import rather than check the wrong fields.
+_SPELLED_OUT_FLOATS = ("grad_norm", "pre_clip_grad_norm", "max_grad_norm", "policy_loss",
+                       "value_loss", "entropy", "approx_kl", "clip_fraction", "lr")
+if set(_FLOAT_FIELDS) != set(_SPELLED_OUT_FLOATS) or _INT_FIELDS != ("update", "env_steps"):
     raise RuntimeError("emit_ppo_update's spelled-out checks do not match "
                        f"protocol.PPO_UPDATE_REQUIRED: floats {_FLOAT_FIELDS}, ints {_INT_FIELDS}")
 _N_REQUIRED = len(protocol.PPO_UPDATE_REQUIRED)
@@ -67,8 +68,6 @@ _NOBLOCK = int(zmq.NOBLOCK)
 #: the ~1 µs per frame on the project's VM; the backend send copies the bytes into a
 #: zmq_msg and calls zmq_msg_send, raising zmq.Again exactly as the wrapper does.
 _zmq_send = zmq.backend.Socket.send
-_get_floats = operator.itemgetter(*_FLOAT_FIELDS)
-_get_ints = operator.itemgetter(*_INT_FIELDS)
 _time = time.time
 _FLOAT_OR_NONE = {float, type(None)}
 _INT_OR_NONE = {int, type(None)}
@@ -153,7 +152,7 @@ class TelemetryEmitter:
                     "run": self.run, "worker": self.worker, "session": self.session}
         self._envelope = packer.pack(envelope)[_map_header_size(len(envelope)):]
         self._envelope_entries = len(envelope)
-        self._prefixes: dict[int, tuple[bytes, int]] = {}
+        self._set_prefix(_N_REQUIRED + 2)  # the 11 required fields, seq and ts
         self._forked = False
         # The heartbeat seq (per session: a reopened emitter starts again at 0) and the time
         # of the last periodic beat are shared by the heartbeat thread and close(); the lock
@@ -218,14 +217,24 @@ class TelemetryEmitter:
         are passed on as they are.
 
         This is the training thread's cost per update, so it is written for speed (see
-        README, Performance): the usual call (exact types, no envelope keys) takes one
-        unpack and a chain of identity checks, one msgpack call for the fields that change
-        per event, and two compiled sends. Anything unusual falls to the checked slow
-        paths, which convert or raise naming the field.
+        README, Performance): the usual call (exact types, no envelope keys) takes a
+        subscript and an identity check per required field, one msgpack call for the
+        fields that change per event (the session's envelope is packed once), and two
+        compiled sends. Anything unusual falls to the checked slow paths, which convert
+        or raise naming the field.
         """
-        try:
-            grad, pre, max_norm, p_loss, v_loss, ent, kl, clip, lr = _get_floats(fields)
-            update, env_steps = _get_ints(fields)
+        try:  # in schema order, so a call missing several fields names the first
+            update = fields["update"]
+            env_steps = fields["env_steps"]
+            grad = fields["grad_norm"]
+            pre = fields["pre_clip_grad_norm"]
+            max_norm = fields["max_grad_norm"]
+            p_loss = fields["policy_loss"]
+            v_loss = fields["value_loss"]
+            ent = fields["entropy"]
+            kl = fields["approx_kl"]
+            clip = fields["clip_fraction"]
+            lr = fields["lr"]
         except KeyError as exc:
             raise TypeError(f"emit_ppo_update() missing required field {exc.args[0]!r}") from None
         if not (type(grad) is float and type(pre) is float and type(max_norm) is float
@@ -254,10 +263,9 @@ class TelemetryEmitter:
         # The wire map = a header for all its entries + the session's pre-packed envelope
         # + this event's entries (``body`` without its own header). Key order differs from
         # a packed dict's; a msgpack map has none that anyone may rely on (DESIGN.md).
-        prefix = self._prefixes.get(len(fields))
-        if prefix is None:
-            prefix = self._prefix_for(len(fields))
-        payload = prefix[0] + body[prefix[1]:]
+        if len(fields) != self._prefix_entries:
+            self._set_prefix(len(fields))
+        payload = self._prefix + body[self._skip:]
         self._seq = seq + 1
         self.last_update = update
         sock = self._sock
@@ -270,15 +278,14 @@ class TelemetryEmitter:
         self.sent += 1
         return True
 
-    def _prefix_for(self, entries: int) -> tuple[bytes, int]:
-        """(map header for ``entries`` plus the envelope's + the pre-packed envelope, and
-        the header size of a packed map of ``entries``: what to skip of it), per size."""
-        if len(self._prefixes) >= 256:  # a caller varying its extras: stay bounded
-            self._prefixes.clear()
-        prefix = (self._pack_map_header(entries + self._envelope_entries) + self._envelope,
-                  _map_header_size(entries))
-        self._prefixes[entries] = prefix
-        return prefix
+    def _set_prefix(self, entries: int) -> None:
+        """The wire prefix for events of ``entries`` fields (seq and ts included): a map
+        header for those plus the envelope's, then the pre-packed envelope; and how many
+        header bytes to skip of a packed map of ``entries``. Kept for the last size seen:
+        a training loop sends the same fields every update."""
+        self._prefix = self._pack_map_header(entries + self._envelope_entries) + self._envelope
+        self._skip = _map_header_size(entries)
+        self._prefix_entries = entries
 
     def _check_optional(self, fields: dict[str, Any]) -> None:
         """Slow path for calls with more than the required fields: no envelope keys (the
