@@ -262,7 +262,7 @@ class TelemetryEmitter:
         body = self._pack(fields)
         # The wire map = a header for all its entries + the session's pre-packed envelope
         # + this event's entries (``body`` without its own header). Key order differs from
-        # a packed dict's; a msgpack map has none that anyone may rely on (DESIGN.md).
+        # a packed dict's, which the protocol gives no meaning (README, Wire protocol).
         if len(fields) != self._prefix_entries:
             self._set_prefix(len(fields))
         payload = self._prefix + body[self._skip:]

@@ -168,3 +168,22 @@ def test_a_reopened_session_packs_its_new_session_id(wired):
     second = protocol.decode(sink.frames(1)[0])
     assert (first.session, first.seq) == (old, 0)
     assert (second.session, second.seq) == (emitter.session, 0) and emitter.session != old
+
+
+@pytest.mark.parametrize("name", list(protocol.PPO_UPDATE_REQUIRED))
+def test_every_required_field_is_checked_on_the_fast_path(wired, name):
+    """The emitter spells its required-field checks out per field: each one must be
+    there, missing, mistyped or (ints) negative, with the field named, and nothing sent."""
+    emitter, sink = wired
+    fields = ppo_fields(1)
+    del fields[name]
+    with pytest.raises(TypeError, match=f"missing required field '{name}'"):
+        emitter.emit_ppo_update(**fields)
+    with pytest.raises(TypeError, match=f"field '{name}' must be"):
+        emitter.emit_ppo_update(**{**ppo_fields(1), name: "1.0x"})
+    with pytest.raises(TypeError, match=f"field '{name}' must be"):
+        emitter.emit_ppo_update(**{**ppo_fields(1), name: None})
+    if protocol.PPO_UPDATE_REQUIRED[name] == "int":
+        with pytest.raises(ValueError, match=f"field '{name}' must be >= 0"):
+            emitter.emit_ppo_update(**{**ppo_fields(1), name: -1})
+    assert sink.quiet() and (emitter.sent, emitter._seq) == (0, 0)
