@@ -41,7 +41,9 @@ EPHEMERAL = "tcp://127.0.0.1:*"
 class Row:
     """One line of the table / one object of results.json.
 
-    ``ratio`` is always ``value / baseline_value`` (so "50x cheaper" is a ratio <= 0.02);
+    ``ratio`` is ``value / baseline_value`` (so "50x cheaper" is a ratio <= 0.02), except
+    where ``target`` says "paired per round": then it is the median of per-round ratios
+    of subject and baseline (bench/emit.py), and the note gives the plain quotient too;
     ``target`` states the bound in words. ``passed`` is None for rows that only inform
     (no target in DESIGN.md), shown as INFO.
     """
