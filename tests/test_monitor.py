@@ -327,6 +327,7 @@ def test_frame_values_and_styles():
     assert "NaN" in text and "123.5" in text and "0.80" in text
     assert "Σ r" in text  # the fleet row
     assert "1 NaN" in text and "1 critical" in text
+    assert style_of(styled, "grad norm") == "bold"  # the column header, as rich's Table drew it
 
 
 def test_frame_learning_with_alerts_panel_and_markers():
