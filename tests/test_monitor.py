@@ -670,6 +670,29 @@ def test_must_show_keeps_every_nan_and_critical_value():
         assert state.must_show(ppo_payload(**news)), news
 
 
+def test_must_show_judges_exactly_as_the_levels_do():
+    """must_show's precomputed safe ranges give the verdict of judging every critical level
+    with ``breaches`` (and NaN/inf as news), at and around every level of every row metric."""
+    from consumers.monitor_state import ROW_METRICS
+    from consumers.thresholds import breaches
+
+    state = connected_state()
+    for metric in ROW_METRICS:
+        levels = [t for t in state.health.for_metric(metric) if t.critical is not None]
+        values = [0, 1, -1, 0.0, 1e-12, -1e300, 1e300, math.nan, math.inf, -math.inf]
+        for t in levels:
+            values += [t.critical, t.critical * (1 + 1e-9), t.critical * (1 - 1e-9),
+                       t.critical + 1, t.critical - 1, int(t.critical)]
+        for value in values:
+            news = not math.isfinite(value) or any(breaches(t.op, value, t.critical) for t in levels)
+            if metric == "nonfinite_grad_count":
+                news = news or (isinstance(value, int) and value > 0)
+            assert state.must_show({metric: value}) == news, (metric, value)
+        assert not state.must_show({metric: "text"}) and not state.must_show({metric: None})
+        assert not state.must_show({metric: False})  # a bool is no measurement
+    assert state.must_show({"sps": 10**400})  # beyond any float: shown, never a crash
+
+
 def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, daemon):
     """Behind a real daemon, a burst read in small batches (as the live loop reads when it
     is behind): older updates of a stream are skipped and counted, nothing counts as lost,
