@@ -672,25 +672,26 @@ class MonitorView:
                 lines.append(([], ""))
                 continue
             cells, cell_widths, style = entry
-            line = _LineBuilder()
+            flat: Cell = []
+            push = flat.append
             for j, key in enumerate(keys):
-                if j:
-                    line.add("  ", "")
+                lead = "  " if j else ""
                 cell = cells.get(key)
                 w = widths[j]
-                used = cell_widths.get(key, 0)
                 if not cell:
-                    line.add(" " * w, "")
+                    push((lead + " " * w, ""))
                     continue
+                used = cell_widths[key]
                 if used > w:
                     cell, used = _truncate(cell, w), w
                 if right[j]:
-                    line.add(" " * (w - used), "")
-                    line.extend(cell)
+                    push((lead + " " * (w - used), ""))
+                    flat += cell
                 else:
-                    line.extend(cell)
-                    line.add(" " * (w - used), "")
-            lines.append((line.pieces(), style))
+                    push((lead, ""))
+                    flat += cell
+                    push((" " * (w - used), ""))
+            lines.append((_merged(flat), style))
         return _Lines(lines)
 
     def _alerts_panel(self, width: int) -> Panel | None:
@@ -749,34 +750,23 @@ class MonitorView:
         return text
 
 
-class _LineBuilder:
-    """Pieces of one line, neighbours of the same style merged into one piece."""
-
-    __slots__ = ("_done", "_style", "_texts")
-
-    def __init__(self) -> None:
-        self._done: Cell = []
-        self._texts: list[str] = []
-        self._style = ""
-
-    def add(self, text: str, style: str) -> None:
+def _merged(pieces: Cell) -> Cell:
+    """``pieces`` with neighbours of the same style joined (each piece becomes a segment,
+    and rich does work per segment on every redraw)."""
+    out: Cell = []
+    texts: list[str] = []
+    current = ""
+    for text, style in pieces:
         if not text:
-            return
-        if style != self._style and self._texts:
-            self._done.append(("".join(self._texts), self._style))
-            self._texts = []
-        self._style = style
-        self._texts.append(text)
-
-    def extend(self, cell: Cell) -> None:
-        for text, style in cell:
-            self.add(text, style)
-
-    def pieces(self) -> Cell:
-        if self._texts:
-            self._done.append(("".join(self._texts), self._style))
-            self._texts = []
-        return self._done
+            continue
+        if style != current and texts:
+            out.append(("".join(texts), current))
+            texts = []
+        current = style
+        texts.append(text)
+    if texts:
+        out.append(("".join(texts), current))
+    return out
 
 
 def _truncate(cell: Cell, width: int) -> Cell:

@@ -717,8 +717,9 @@ def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, da
                     emitter.emit_ppo_update(**ppo_fields(u, **{"grad_norm": 1.0, "approx_kl": 0.004,
                                                                **news.get((w, u), {})}))
 
-            def all_in() -> bool:
+            def all_in() -> bool:  # a "frame" per poll: read a batch, then take the held
                 state.ingest_many(sub.poll(20, max_messages=50), time.monotonic())
+                state.ingest_many(sub.release(), time.monotonic())
                 return all(sub.book.streams.get(("load", w)) is not None and
                            sub.book.streams[("load", w)].last_update == n - 1 for w in range(workers))
 
