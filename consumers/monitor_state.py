@@ -257,13 +257,22 @@ class MonitorState:
         self.lost = lost
         self.endpoint = endpoint
         self.skipped = skipped
+        # The rate of events taken in, shown or skipped: under load the monitor still
+        # reads every one of them, and a rate of the shown ones alone (a few hundred a
+        # second) would hide the load it is shedding.
+        taken = self.events_received
         if self._rate_mark is None:
-            self._rate_mark = (now, self.events_total)
+            self._rate_mark = (now, taken)
         elif now - self._rate_mark[0] >= 1.0:
             then, count = self._rate_mark
-            self.rate_eps = (self.events_total - count) / (now - then)
-            self._rate_mark = (now, self.events_total)
+            self.rate_eps = (taken - count) / (now - then)
+            self._rate_mark = (now, taken)
         self.fleet.forget(now)
+
+    @property
+    def events_received(self) -> int:
+        """Events read: those taken into the state plus updates skipped under load."""
+        return self.events_total + self.skipped
 
     def sync_from(self, sub: Any, now: float) -> None:
         """:meth:`sync` from a :class:`consumers.runtime.Subscriber`."""

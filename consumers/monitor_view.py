@@ -724,7 +724,7 @@ class MonitorView:
     def _footer(self) -> Text:
         state = self.state
         text = Text(style="dim")
-        text.append(f"{state.events_total:,} events")
+        text.append(f"{state.events_received:,} events")
         if self.refresh_hz is not None:
             text.append(f" · {state.rate_eps:,.0f}/s")
         text.append(" · ")
@@ -732,8 +732,8 @@ class MonitorView:
         text.append(" · ")
         text.append(f"rejected {state.rejected}", style="yellow" if state.rejected else "")
         if state.skipped:
-            # Read and accounted for, not drawn: older updates of a stream that had a newer
-            # one in the same batch while the monitor was behind (never a NaN/critical one).
+            # Read and accounted for, not drawn: updates of a stream superseded by a newer
+            # one before the frame while the monitor was behind (never a NaN/critical one).
             text.append(" · ")
             text.append(f"skipped {state.skipped:,} (load)", style="yellow")
         if not state.alerts:  # firing ones have their own panel

@@ -660,6 +660,15 @@ def test_monitor_once_shows_a_pre_clip_spike(procs, daemon):
     assert "WARNING" in out and "warn pre 11x" in out and "pre last 10" in out, out
 
 
+def test_event_rate_counts_skipped_updates():
+    """Under load the footer's rate is of every event read, not of the few shown."""
+    state = connected_state()
+    state.sync(NOW, connected=True, ever_connected=True, skipped=0)
+    feed(state, 0, [1.0] * 5)
+    state.sync(NOW + 1.0, connected=True, ever_connected=True, skipped=995)
+    assert state.events_received == 1000 and state.rate_eps == 1000.0
+
+
 def test_must_show_keeps_every_nan_and_critical_value():
     state = connected_state()
     assert not state.must_show(ppo_payload(grad_norm=1.0, approx_kl=0.02))  # a warning: may go
@@ -742,6 +751,8 @@ def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, da
     state.sync_from(sub, time.monotonic())
     text = render_text(state, time.monotonic(), width=120)
     assert f"skipped {sub.skipped:,} (load)" in text
+    # The footer's count is of every event read, shown or skipped.
+    assert f"{state.events_total + sub.skipped:,} events" in text
 
 
 def _shedding_subscriber(daemon, run: str):
