@@ -54,8 +54,9 @@ SHED_STRETCH = 0.05
 #: between two frames (wall clock: a starved CPU is as much a reason to shed as a flood) ...
 SHED_ENTER_SHARE = 0.5
 #: ... and stops when reading while shedding took less than this share: the full way
-#: costs about twice as much per update (full validation and the rows: ~20 µs against
-#: ~10 µs on the 2-core VM), so it would still fit under SHED_ENTER_SHARE.
+#: costs about 1.5x as much per update (full validation and the rows: ~20 µs against
+#: ~13 µs measured in isolation on the 2-core VM), so it would still fit well under
+#: SHED_ENTER_SHARE and the monitor does not flap between the two.
 SHED_LEAVE_SHARE = 0.2
 #: Most streams whose newest update is held between frames while shedding; an update of
 #: a stream beyond them goes the full way at once, so a flood of topics costs bounded
