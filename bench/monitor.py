@@ -1,22 +1,26 @@
 """The console monitor under load: sustained event rate, redraw rate, memory growth.
 
 * **Sustained events/s with bounded lag** (64 workers). The real monitor loop
-  (:func:`consumers.monitor._live`: runtime Subscriber → MonitorState.ingest → rich Live
-  redraws of MonitorView, to a terminal-like sink that discards the bytes) runs in its own
-  process behind a real daemon, at the CLI's highest refresh (10 Hz, the hardest setting
-  to keep up at). Four publisher processes each drive 16 TelemetryEmitters (64 worker
-  streams) at a stepped total rate. A step is *sustained* when the monitor ingested at
-  least 95% of what was offered during it, the age of the newest event it had ingested
-  stayed under 1 s at every frame (bounded lag, on the producers' wall clock), and no
-  event was lost by seq. Ingested counts every ppo_update the monitor read and accounted
-  for: shown on the rows, or skipped under load (older updates of a stream with a newer
-  one in the same batch, never a NaN/critical one: consumers.monitor.SheddingSubscriber);
-  the note gives both. The row reports the highest sustained step's ingest rate; the
-  baseline column is the rate the publishers actually offered. PASS when the 20k step (or a
-  higher one) was sustained.
-* **Redraws per second** at the 20k step (the heaviest if the ramp stopped short),
-  counted at ``Live.update(refresh=True)``, against the requested refresh: PASS when at
-  least 0.9x of it (and never above 10/s, whatever the event rate).
+  (:func:`consumers.monitor._live`: the monitor's SheddingSubscriber with its receive bound
+  → MonitorState.ingest → rich Live redraws of MonitorView, to a terminal-like sink that
+  discards the bytes) runs in its own process behind a real daemon, once at the CLI's
+  default refresh (4 Hz) and once at its highest (10 Hz, the hardest setting to keep up
+  at). Four publisher processes each drive 16 TelemetryEmitters (64 worker streams) at a
+  stepped total rate. A step is *sustained* when the monitor ingested at least 95% of what
+  was offered during it, the age of the newest event it had ingested stayed under 1 s at
+  every frame (bounded lag, on the producers' wall clock), and no event was lost by seq.
+  Ingested counts every ppo_update the monitor read and accounted for: shown on the rows,
+  or skipped under load (superseded by a newer update of its stream before the next frame,
+  never a NaN/critical one: consumers.monitor.SheddingSubscriber); the note gives both.
+  The row reports the highest sustained step's ingest rate; the baseline column is the
+  rate the publishers actually offered. PASS when a step that really offered 20k ev/s
+  (at least 95% of it: TARGET_RATE, OFFERED_SHARE), or more, was sustained.
+* **Redraws per second** at the first step that really offered 20k ev/s, counted at
+  ``Live.update(refresh=True)``, against the requested refresh: PASS when at least 0.9x
+  of it (and never above 10/s, whatever the event rate); no step at that load (saturated
+  publishers) is a MISS, never a verdict taken at a lighter load. The note gives that
+  step's ingest, lag and loss beside it: redraws bought by not reading would show there
+  (and in the sustained row).
 * **Memory growth over 1M events**: MonitorState fed 1M fresh ppo_update events from 64
   workers in a fresh process (a frame rendered every 50k events, so the draw path is
   included): resident set size at the end minus after a 100k-event warm-up. (RSS, not
@@ -127,10 +131,18 @@ def monitor_main(conn: Connection, spec: dict[str, Any]) -> None:
         from consumers.monitor_view import MonitorView
         from consumers.runtime import Subscriber
 
-        state = mon.MonitorState()
-        shedding = getattr(mon, "SheddingSubscriber", None)  # the monitor's own subscriber
-        sub = shedding(spec["subscribe"], spec["snapshot"], must_show=state.must_show) \
-            if shedding is not None else Subscriber(spec["subscribe"], spec["snapshot"])
+        # Wired as the CLI wires them (consumers.monitor.run): the monitor's own receive
+        # bound, its shedding subscriber, the state reading the subscriber's books.
+        hwm = getattr(mon, "MONITOR_RCVHWM", None)
+        shedding = getattr(mon, "SheddingSubscriber", None)
+        if shedding is not None:
+            sub = shedding(spec["subscribe"], spec["snapshot"], rcvhwm=hwm)
+            state = mon.MonitorState(book=sub.book)
+            sub.must_show = state.must_show
+        else:
+            sub = Subscriber(spec["subscribe"], spec["snapshot"],
+                             **({"rcvhwm": hwm} if hwm is not None else {}))
+            state = mon.MonitorState()
         deadline = time.monotonic() + 20
         while not sub.ever_connected and time.monotonic() < deadline:
             state.ingest_many(sub.poll(50), time.monotonic())
@@ -208,6 +220,17 @@ def _ramp(quick: bool, refresh: float, rates: list[int]) -> dict[str, Any]:
         result = monitor.expect("done", 30.0)
     result["steps"] = steps
     return result
+
+
+#: The load DESIGN.md's monitor target is judged at (ev/s), and how much of it the
+#: publishers must really have offered for a step to count as that load: a step commanded
+#: at 20k that the saturated publishers delivered at 15k says nothing about 20k.
+TARGET_RATE = 20_000
+OFFERED_SHARE = 0.95
+
+
+def _at_target(step: dict[str, Any]) -> bool:
+    return step["offered"] >= OFFERED_SHARE * TARGET_RATE
 
 
 def _judge(step: dict[str, Any],
@@ -308,7 +331,10 @@ def _ramp_rows(quick: bool, refresh: float, label: str, rates: list[int]) -> lis
     judged = [_judge(step, result["samples"]) for step in result["steps"]]
     sustained = [j for j in judged if j["ok"]]
     best = max(sustained, key=lambda j: j["ingest"]) if sustained else None
-    heaviest = next((j for j in judged if j["rate"] == 20_000), judged[-1])
+    # The redraw verdict is taken at the first step that really offered the target load
+    # (else the heaviest offered, which then cannot pass).
+    at_target = [j for j in judged if _at_target(j)]
+    heaviest = at_target[0] if at_target else max(judged, key=lambda j: j["offered"])
     steps_note = "; ".join(
         f"{j['rate'] // 1000}k: offered {j['offered']:.0f}, ingested {_num(j['ingest'])}/s "
         f"({_num(j['shown'])} shown, {_num(j['skipped'])} skipped), "
@@ -316,18 +342,22 @@ def _ramp_rows(quick: bool, refresh: float, label: str, rates: list[int]) -> lis
         f"{'' if j['ok'] else ' (not sustained)'}"
         for j in judged)
     value = best["ingest"] if best else 0.0
+    redraw_ok = _at_target(heaviest) and 0.9 * refresh <= heaviest["redraw_hz"] <= 10.0 * 1.01
     return [
         Row(f"monitor sustained ingest, {label}", value, "ev/s", "offered by publishers",
             best["offered"] if best else None, value / best["offered"] if best else None,
-            ">= 20000 ev/s, lag < 1 s, 0 lost", best is not None and best["rate"] >= 20_000,
-            note=f"64 workers; {steps_note}"),
+            f">= {TARGET_RATE} ev/s offered, ingest >= 0.95x, lag < 1 s, 0 lost",
+            best is not None and _at_target(best), note=f"64 workers; {steps_note}"),
         Row(f"monitor redraws under load, {label}", heaviest["redraw_hz"], "/s", "requested",
             refresh, heaviest["redraw_hz"] / refresh,
-            ">= 0.9x requested at 20k ev/s, <= 10 /s (1% timer slack)",
-            0.9 * refresh <= heaviest["redraw_hz"] <= 10.0 * 1.01,
-            note=f"at the {heaviest['rate'] // 1000}k step ({heaviest['offered']:.0f} offered, "
-                 f"{_num(heaviest['ingest'])} ev/s ingested, {_num(heaviest['skipped'])}/s of "
-                 f"them skipped); median frame render {heaviest.get('render_ms', math.nan):.1f} ms"),
+            f">= 0.9x requested at {TARGET_RATE} ev/s offered, <= 10 /s (1% timer slack)",
+            redraw_ok,
+            note=f"at the {heaviest['rate'] // 1000}k step: {heaviest['offered']:.0f} ev/s offered"
+                 f"{'' if _at_target(heaviest) else ' (short of the target load: no verdict)'}, "
+                 f"{_num(heaviest['ingest'])} ev/s ingested ({_num(heaviest['skipped'])}/s of them "
+                 f"skipped), max lag {heaviest['lag'] * 1e3:.0f} ms, lost {heaviest['lost']}"
+                 f"{'' if heaviest['ok'] else ' (not keeping up)'}; median frame render "
+                 f"{heaviest.get('render_ms', math.nan):.1f} ms"),
     ]
 
 

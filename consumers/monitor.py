@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import zmq
-
 from bus import protocol
 from consumers.monitor_state import MonitorState
 from consumers.monitor_view import MonitorView
@@ -33,70 +31,147 @@ DEFAULT_WAIT_S = 2.0
 #: complete data: if it ever falls behind (a starved CPU), ZeroMQ drops beyond this and
 #: the loss shows as "lost N", instead of ~100k queued messages (~70 MB) of stale backlog.
 MONITOR_RCVHWM = 20_000
-#: Most messages read per poll between two checks of the frame clock. A full batch means
-#: the socket held a backlog, which is when :class:`SheddingSubscriber` sheds; the batch
-#: is small enough that one costs a few ms, so a frame is never late by more than that.
+#: Most messages read per poll between two checks of the frame clock: small enough that
+#: one batch costs a few ms, so a frame is never late by more.
 INGEST_BATCH = 500
+#: Once reading has caught up (the queue is empty), wait this long before reading again,
+#: so that messages are read in batches rather than woken up for one by one: each wake-up
+#: costs ~50-100 µs of CPU on the 2-core VM (a context switch, cold caches), which at a
+#: few thousand events a second was most of the monitor's reading cost (measured: 48 µs
+#: per event at 2k ev/s, ~2 events per wake-up; 17 µs at 20k). Events wait at most this
+#: long, against a frame every 100-250 ms.
+INGEST_COALESCE_S = 0.01
 #: After drawing, reading gets at least this share of the drawing's time before the next
 #: frame (a terminal slower than the refresh period must not stop the reading altogether);
 #: small, because shedding keeps reading cheap, and the redraw rate is what is promised.
 MIN_INGEST_SHARE = 0.25
+#: While shedding with messages still queued when a frame is due, reading may go on for
+#: up to this share of a period before the frame is drawn, and the next frame is then a
+#: full period later: the redraw rate gives up at most ~5% (never below 0.95x the
+#: requested rate on this account) so that reading still gains on a backlog.
+SHED_STRETCH = 0.05
+#: Shedding starts when reading the full way took more than this share of the time
+#: between two frames (wall clock: a starved CPU is as much a reason to shed as a flood) ...
+SHED_ENTER_SHARE = 0.5
+#: ... and stops when reading while shedding took less than this share: the full way
+#: costs about 1.5x as much per update (full validation and the rows: ~20 µs against
+#: ~13 µs measured in isolation on the 2-core VM), so it would still fit well under
+#: SHED_ENTER_SHARE and the monitor does not flap between the two.
+SHED_LEAVE_SHARE = 0.2
+#: Most streams whose newest update is held between frames while shedding; an update of
+#: a stream beyond them goes the full way at once, so a flood of topics costs bounded
+#: memory (a held update is its two frames, a few hundred bytes).
+MAX_HELD = 4096
 _PPO_PREFIX = protocol.PPO_UPDATE.encode() + b"/"
 
 
 class SheddingSubscriber(Subscriber):
-    """A :class:`consumers.runtime.Subscriber` that, when it falls behind, sheds the work
+    """A :class:`consumers.runtime.Subscriber` that, when it cannot keep up, sheds the work
     it can account for instead of lagging.
 
-    Falling behind is a full batch (``poll(max_messages=N)`` found at least N messages
-    queued). In such a batch only the newest ppo_update of each stream (topic) goes the
-    full way (validated decode, then the rows); an older one of the same stream is only
-    unpacked and accounted for — its seq (so it is not counted as lost), restart, age
-    and newest timestamp go to the runtime's books like any event's — and counted in
-    ``skipped``, unless ``must_show(payload)`` says it carries news the rows must show
-    (NaN/inf, a critical level; :meth:`MonitorState.must_show`): those always go the full
-    way, in order. So skipping never hides a NaN or a critical value, and the status is
-    always judged on the newest update; what is lost is sparkline resolution (the
-    10-entry histories hold the updates shown, one per stream per batch, under load).
+    While :attr:`shedding`, only the newest ppo_update of each stream is kept between two
+    frames (held as received, undecoded); the live loop takes the held ones with
+    :meth:`release` right before it draws, and they go the full way (validated decode,
+    then the rows). An update superseded by a newer one of its stream before the frame
+    is only unpacked and accounted for — its seq (so it is not counted as lost), restart,
+    age and newest timestamp go to the runtime's books like any event's — and counted in
+    :attr:`skipped`, unless ``must_show(payload)`` says it carries news the rows must show
+    (NaN/inf, a critical level; :meth:`MonitorState.must_show`): those go the full way at
+    once, in order. So skipping never hides a NaN or a critical value, the rows are always
+    judged on the newest update, and what is lost is sparkline resolution (under load the
+    10-entry histories hold about one update per stream per frame).
 
-    Anything the cheap look cannot vouch for (bad topic, not a map, odd envelope, another
-    version, too large) goes the full way, where it is rejected and counted as ever.
-    Heartbeats, alerts, summaries and snapshots are never skipped.
+    Order per stream is kept: any other message of a stream (a heartbeat — a closing one
+    must come after the update it follows —, an alert, a malformed frame) releases the
+    stream's held update first. Anything the cheap look cannot vouch for (bad topic, not a
+    map, odd envelope, another version, too large) goes the full way, where it is rejected
+    and counted as ever; heartbeats, alerts, summaries and snapshots are never skipped.
+    (A superseded update's fields are not schema-checked, so one with a missing field is
+    counted as skipped, not as rejected.)
+
+    Shedding starts when reading the full way took more than :data:`SHED_ENTER_SHARE` of
+    the time between two frames, and stops when reading while shedding took less than
+    :data:`SHED_LEAVE_SHARE` of it (see :meth:`end_frame`). Not on a mere backlog: one
+    builds up during every frame's drawing (at 5k ev/s a 100 ms frame leaves 500 queued),
+    and is worked off the full way while the full way fits.
     """
 
     def __init__(self, *args: Any, must_show: Callable[[Mapping[str, Any]], bool] | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.must_show = must_show or (lambda fields: False)
+        #: Updates read and accounted for but not shown (superseded while shedding).
         self.skipped = 0
+        #: Whether ppo_updates are held (newest per stream) until the next frame.
+        self.shedding = False
+        #: Whether the last read stopped at its batch size (more may be queued).
+        self.backlog = False
+        #: Messages read so far (taken, skipped or held).
+        self.messages_read = 0
+        #: Seconds spent reading (never waiting) since the last :meth:`end_frame`.
+        self.work_s = 0.0
+        #: (run, worker) part of the topic -> the frames of its newest held ppo_update.
+        self._held: dict[bytes, list[bytes]] = {}
 
-    def _drain(self, events: list[protocol.Event], limit: int = MAX_BATCH) -> None:
-        sock = self._sock
-        batch: list[list[bytes]] = []
-        for _ in range(limit):
-            try:
-                batch.append(sock.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                break
-        accept = self._accept
-        if len(batch) < limit:  # drained the queue: keeping up, nothing to shed
-            for frames in batch:
-                event = accept(frames)
-                if event is not None:
-                    events.append(event)
+    @property
+    def held(self) -> int:
+        """Updates held for the next frame."""
+        return len(self._held)
+
+    def _drain(self, events: list[protocol.Event], limit: int = MAX_BATCH) -> int:
+        started = time.perf_counter()
+        read = super()._drain(events, limit)
+        self.backlog = read >= limit
+        self.messages_read += read
+        self.work_s += time.perf_counter() - started
+        return read
+
+    def _take(self, frames: list[bytes], events: list[protocol.Event]) -> None:
+        topic = frames[0]
+        if self.shedding and len(frames) == 2 and topic.startswith(_PPO_PREFIX):
+            self._hold(topic[len(_PPO_PREFIX):], frames, events)
             return
-        newest = {frames[0]: i for i, frames in enumerate(batch) if len(frames) == 2}
-        skip = self._skip
-        for i, frames in enumerate(batch):
-            if len(frames) == 2 and newest[frames[0]] != i and frames[0].startswith(_PPO_PREFIX) \
-                    and skip(frames):
-                continue
-            event = accept(frames)
-            if event is not None:
-                events.append(event)
+        if self._held:  # whatever else this stream sends comes after its held update
+            held = self._held.pop(topic.partition(b"/")[2], None)
+            if held is not None:
+                super()._take(held, events)
+        super()._take(frames, events)
+
+    def _hold(self, stream: bytes, frames: list[bytes], events: list[protocol.Event]) -> None:
+        """Keep ``frames`` as ``stream``'s newest update; account for the one it supersedes."""
+        held = self._held
+        older = held.get(stream)
+        if older is None:
+            if len(held) >= MAX_HELD:  # bounded: beyond it, the full way at once
+                super()._take(frames, events)
+                return
+        elif not self._skip(older):
+            super()._take(older, events)  # news, or not to be vouched for: the full way, in order
+        held[stream] = frames
+
+    def release(self) -> list[protocol.Event]:
+        """The held updates, the full way (validated, filtered, accounted for): what the
+        next frame shows. The live loop calls it right before drawing."""
+        events: list[protocol.Event] = []
+        if self._held:
+            held, self._held = self._held, {}
+            take = super()._take
+            for frames in held.values():
+                take(frames, events)
+        return events
+
+    def end_frame(self, window_s: float, ingest_s: float = 0.0) -> None:
+        """Decide whether the next frame sheds, from how much of the ``window_s`` seconds
+        since the last frame went on reading (this subscriber's share, plus ``ingest_s``
+        of the caller's own per-event work): start above :data:`SHED_ENTER_SHARE`, stop
+        below :data:`SHED_LEAVE_SHARE`."""
+        busy = self.work_s + ingest_s
+        self.work_s = 0.0
+        share = SHED_LEAVE_SHARE if self.shedding else SHED_ENTER_SHARE
+        self.shedding = busy > share * window_s
 
     def _skip(self, frames: list[bytes]) -> bool:
-        """Account for an older ppo_update without showing it; False to send it the full
+        """Account for a superseded update without showing it; False to send it the full
         way (it must be shown, or the cheap look cannot vouch for it)."""
         try:  # the envelope only: a skipped update is accounted for, its schema unchecked
             event = protocol.decode(frames, self.max_bytes, check_schema=False)
@@ -188,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
                     break
                 state.ingest_many(sub.poll(max(1, min(200, int(remaining * 1000)))), time.monotonic())
             now = time.monotonic()
+            state.ingest_many(sub.release(), now)
             state.sync_from(sub, now)
             console.print(MonitorView(state, now, refresh_hz=None))
             return 0
@@ -196,15 +272,17 @@ def run(args: argparse.Namespace) -> int:
         sub.close()
 
 
-def _live(args: argparse.Namespace, state: MonitorState, sub: Any, console: Any, stop: Any,
-          live_cls: Any, view_cls: Any) -> int:
+def _live(args: argparse.Namespace, state: MonitorState, sub: SheddingSubscriber, console: Any,
+          stop: Any, live_cls: Any, view_cls: Any) -> int:
     """Drain events between frames; draw at a fixed rate whatever the event rate.
 
     Reading is bounded per frame: batches of at most :data:`INGEST_BATCH` messages until
-    the frame is due, then the frame is drawn whatever is still queued. What is queued
-    waits for the next frame's reading; if that keeps happening, a
-    :class:`SheddingSubscriber` sheds (and counts) older updates of a stream, and ZeroMQ's
-    receive bound (MONITOR_RCVHWM) is the last resort, its loss counted as "lost"."""
+    the frame is due, then the frame is drawn whatever is still queued (while shedding
+    with a backlog, up to :data:`SHED_STRETCH` of a period later). What is queued waits
+    for the next frame's reading; when reading cannot keep up, the
+    :class:`SheddingSubscriber` sheds (and counts) superseded updates, its held updates
+    reaching the rows right before each frame, and ZeroMQ's receive bound
+    (MONITOR_RCVHWM) is the last resort, its loss counted as "lost"."""
     period = 1.0 / args.refresh
     root = logging.getLogger()
     saved_handlers = root.handlers[:]
@@ -220,21 +298,45 @@ def _live(args: argparse.Namespace, state: MonitorState, sub: Any, console: Any,
     try:
         with live:
             next_frame = now + period
+            window_start = now  # reading time since the last frame ended
+            ingest_s = 0.0  # of it, spent taking events into the state
+            stretched = False  # this frame is drawn late, to read on while shedding
             while not stop.is_set():
-                remaining = next_frame - time.monotonic()
-                if remaining > 0:
-                    state.ingest_many(sub.poll(max(0, int(remaining * 1000)), INGEST_BATCH),
-                                      time.monotonic())
+                t = time.monotonic()
+                remaining = next_frame - t
+                behind = sub.shedding and sub.backlog and t < next_frame + SHED_STRETCH * period
+                if remaining > 0 or behind:
+                    # Still behind when the frame is due: read on a little (stretched).
+                    stretched = stretched or remaining <= 0
+                    read_before = sub.messages_read
+                    events = sub.poll(max(0, int(remaining * 1000)), INGEST_BATCH)
+                    started = time.perf_counter()
+                    state.ingest_many(events, time.monotonic())
+                    ingest_s += time.perf_counter() - started
+                    if sub.messages_read > read_before and not sub.backlog:
+                        # Caught up: let the next messages gather instead of waking for each.
+                        pause = min(INGEST_COALESCE_S, next_frame - time.monotonic())
+                        if pause > 0:
+                            time.sleep(pause)
                     continue
                 now = time.monotonic()
+                state.ingest_many(sub.release(), now)
                 state.sync_from(sub, now)
                 live.update(view_cls(state, now, refresh_hz=args.refresh, fit_height=True), refresh=True)
                 after = time.monotonic()
+                sub.end_frame(now - window_start, ingest_s)
+                window_start, ingest_s = after, 0.0
                 # Never burst (a late frame is not followed by catch-up frames) and never let
-                # drawing stop reading: the next frame comes one period later, and no sooner
-                # than MIN_INGEST_SHARE of this frame's drawing time from now.
+                # drawing stop reading: the next frame comes one period later (a stretched
+                # frame moves the schedule back by its stretch, at most SHED_STRETCH of a
+                # period), and no sooner than MIN_INGEST_SHARE of this frame's drawing time
+                # from now.
+                if stretched:
+                    next_frame = min(now, next_frame + SHED_STRETCH * period)
+                    stretched = False
                 next_frame = max(next_frame + period, after + MIN_INGEST_SHARE * (after - now))
             now = time.monotonic()
+            state.ingest_many(sub.release(), now)
             state.sync_from(sub, now)
             live.update(view_cls(state, now, refresh_hz=args.refresh, fit_height=False), refresh=False)
     finally:

@@ -33,6 +33,7 @@ the screen when rows do not fit.
 from __future__ import annotations
 
 import math
+import sys
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from consumers.fleet import (
     WorkerKey,
 )
 from consumers.runtime import DEFAULT_FORGET_AFTER_S, StreamBook
-from consumers.thresholds import DEFAULT_HEALTH, DEFAULT_SPIKES, HealthTable, Spike, breaches
+from consumers.thresholds import DEFAULT_HEALTH, DEFAULT_SPIKES, HealthTable, Spike
 
 __all__ = ["CRITICAL", "DONE", "NAN", "OK", "STALE", "STATUS_RANK", "WAITING", "WARNING",
            "AlertEntry", "Banner", "MonitorState", "MAX_ALERTS", "ROW_METRICS", "FLEET_METRICS"]
@@ -108,6 +109,20 @@ class Banner:
         return BANNERS.index(self.state)
 
 
+def _safe_range(health: HealthTable, metric: str) -> tuple[float, float]:
+    """[lo, hi]: the finite values of ``metric`` that breach none of its critical levels
+    (``breaches``: above a ">" level, below any other), for :meth:`MonitorState.must_show`."""
+    lo, hi = -sys.float_info.max, sys.float_info.max
+    for threshold in health.for_metric(metric):
+        if threshold.critical is None:
+            continue
+        if threshold.op == ">":
+            hi = min(hi, threshold.critical)
+        else:
+            lo = max(lo, threshold.critical)
+    return lo, hi
+
+
 class MonitorState:
     """Everything a live view shows, fed with events; no sockets, no drawing.
 
@@ -146,9 +161,10 @@ class MonitorState:
         #: ppo_updates the process read and accounted for (seq, restarts, age) but did not
         #: show, to keep its redraw rate under load (see :meth:`must_show`).
         self.skipped = 0
-        #: (op, critical level) per row metric, for :meth:`must_show`.
-        self._critical = {metric: [(t.op, t.critical) for t in health.for_metric(metric)
-                                   if t.critical is not None] for metric in ROW_METRICS}
+        #: (metric, lo, hi) per row metric: a value inside [lo, hi] is finite and at no
+        #: critical level, so :meth:`must_show` makes one chained comparison per field
+        #: (NaN fails it too) instead of judging every level on every shed update.
+        self._safe = tuple((metric, *_safe_range(health, metric)) for metric in ROW_METRICS)
 
     # ------------------------------------------------------------------ the fleet
 
@@ -219,16 +235,14 @@ class MonitorState:
         which is never skipped, so what is skipped can only be a healthy or warning value
         that the next update has already replaced. Cheap (a few dict lookups): it runs on
         payloads that are not fully decoded, to save that work."""
-        isfinite = math.isfinite
-        for metric, levels in self._critical.items():
-            value = fields.get(metric)
-            if value is None or value.__class__ is bool or not isinstance(value, float | int):
+        get = fields.get
+        for metric, lo, hi in self._safe:
+            value = get(metric)
+            if value is None:
                 continue
-            if not isfinite(value):
+            kind = value.__class__
+            if (kind is float or kind is int) and not lo <= value <= hi:
                 return True
-            for op, level in levels:
-                if breaches(op, value, level):
-                    return True
         count = fields.get("nonfinite_grad_count")
         return isinstance(count, int) and count > 0
 
@@ -243,13 +257,22 @@ class MonitorState:
         self.lost = lost
         self.endpoint = endpoint
         self.skipped = skipped
+        # The rate of events taken in, shown or skipped: under load the monitor still
+        # reads every one of them, and a rate of the shown ones alone (a few hundred a
+        # second) would hide the load it is shedding.
+        taken = self.events_received
         if self._rate_mark is None:
-            self._rate_mark = (now, self.events_total)
+            self._rate_mark = (now, taken)
         elif now - self._rate_mark[0] >= 1.0:
             then, count = self._rate_mark
-            self.rate_eps = (self.events_total - count) / (now - then)
-            self._rate_mark = (now, self.events_total)
+            self.rate_eps = (taken - count) / (now - then)
+            self._rate_mark = (now, taken)
         self.fleet.forget(now)
+
+    @property
+    def events_received(self) -> int:
+        """Events read: those taken into the state plus updates skipped under load."""
+        return self.events_total + self.skipped
 
     def sync_from(self, sub: Any, now: float) -> None:
         """:meth:`sync` from a :class:`consumers.runtime.Subscriber`."""

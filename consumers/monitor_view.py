@@ -40,9 +40,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich import box
+from rich.cells import cell_len as _cell_len
+from rich.cells import set_cell_size
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.panel import Panel
 from rich.segment import Segment
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
@@ -157,37 +160,57 @@ def row_value_style(state: MonitorState, row: Worker, metric: str) -> str:
     return HEALTH_STYLE[health] if health else ""
 
 
-def metric_text(state: MonitorState, metric: str, value: float | None, digits: int = 3) -> Text:
+#: A cell's content as (text, style) pieces: what a frame is built from. Not rich ``Text``:
+#: a frame of ~1000 cells built as Text objects, and rendered span by span, cost about as
+#: much as everything else in a frame; pieces are merged per line into few segments.
+Cell = list[tuple[str, str]]
+_SMALL_EXP = frozenset(("grad_norm", "pre_clip_grad_norm"))
+
+
+def cell_len(cell: Cell) -> int:
+    """Terminal cells a cell's pieces take."""
+    return sum(_cell_len(text) for text, _ in cell)
+
+
+def metric_cell(state: MonitorState, metric: str, value: float | None, digits: int = 3) -> Cell:
     """A value coloured by its health (uncoloured for metrics without thresholds)."""
-    text = fmt(value, digits, small_exp=metric in ("grad_norm", "pre_clip_grad_norm"))
+    text = fmt(value, digits, small_exp=metric in _SMALL_EXP)
     if value is None:
-        return Text(text, style="dim")
+        return [(text, "dim")]
     if not math.isfinite(value):
-        return Text(text, style=NONFINITE_STYLE)
+        return [(text, NONFINITE_STYLE)]
     if not state.health.for_metric(metric):
-        return Text(text)
-    return Text(text, style=HEALTH_STYLE[state.metric_health(metric, value)])
+        return [(text, "")]
+    return [(text, HEALTH_STYLE[state.metric_health(metric, value)])]
 
 
-def row_metric_text(state: MonitorState, row: Worker, metric: str, digits: int = 3) -> Text:
+def row_metric_cell(state: MonitorState, row: Worker, metric: str, digits: int = 3) -> Cell:
     """A row's latest value of ``metric`` in its :func:`row_value_style` colour."""
     value = row.history.latest(metric)
-    return Text(fmt(value, digits, small_exp=metric in ("grad_norm", "pre_clip_grad_norm")),
-                style=row_value_style(state, row, metric))
+    return [(fmt(value, digits, small_exp=metric in _SMALL_EXP),
+             row_value_style(state, row, metric))]
 
 
-def spark_text(state: MonitorState, row: Worker, metric: str = "grad_norm") -> Text:
+def spark_cell(state: MonitorState, row: Worker, metric: str = "grad_norm") -> Cell:
     """10-cell sparkline plus trend arrow: colour = health of the latest value (threshold
-    or spike, as :func:`row_value_style`), arrow = direction, non-finite cells red."""
+    or spike, as :func:`row_value_style`), arrow = direction, non-finite cells red. Runs
+    of one colour are one piece (the space before the arrow takes the arrow's colour: a
+    space shows no foreground colour)."""
     values = row.history.values(metric)
     style = row_value_style(state, row, metric)
-    text = Text()
+    pieces: Cell = []
+    run: list[str] = []
     for glyph, nonfinite in sparkline_cells(values):
-        text.append(glyph, style=NONFINITE_STYLE if nonfinite else style)
-    arrow = trend(values)
-    text.append(" ")
-    text.append(arrow or " ", style=style)
-    return text
+        if nonfinite:
+            if run:
+                pieces.append(("".join(run), style))
+                run = []
+            pieces.append((glyph, NONFINITE_STYLE))
+        else:
+            run.append(glyph)
+    run.append(" " + (trend(values) or " "))
+    pieces.append(("".join(run), style))
+    return pieces
 
 
 # --------------------------------------------------------------------- columns
@@ -311,85 +334,98 @@ def status_label(state: MonitorState, row: Worker, now: float, *, with_ratio: bo
     return status, label
 
 
-def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int) -> dict[str, Text]:
+def _worker_cells(state: MonitorState, row: Worker, now: float, tier: int,
+                  keys: frozenset[str] | None = None) -> dict[str, Cell]:
+    """A worker row's cells; only the columns in ``keys`` (all when None): a frame at 80
+    columns need not format what only 169 columns show."""
+    def want(key: str) -> bool:
+        return keys is None or key in keys
+
     # "warn pre 7.3x": which metric spiked, and (where there is room) by how much.
     status, status_label_text = status_label(state, row, now, with_ratio=tier >= SPIKE_RATIO_TIER)
     latest = row.history.latest
     # Restart and (in the narrow layout) loss markers ride next to the worker id, where
     # there is room at any width: "  3 ↻2 d15" = restarted twice, 15 events lost.
-    label = Text(f"  {row.worker}")
+    label: Cell = [(f"  {row.worker}", "")]
     if row.restarts:
-        label.append(" ↻" + (str(row.restarts) if row.restarts > 1 else ""), style="bold cyan")
+        label.append((" ↻" + (str(row.restarts) if row.restarts > 1 else ""), "bold cyan"))
     if row.dropped and tier == 0:
-        label.append(f" d{row.dropped}", style="yellow")
-    age = row.age(now)
-    cells = {
+        label.append((f" d{row.dropped}", "yellow"))
+    cells: dict[str, Cell] = {
         "worker": label,
-        "grad": metric_text(state, "grad_norm", latest("grad_norm"), 3),
-        "spark": spark_text(state, row),
-        "pre": row_metric_text(state, row, "pre_clip_grad_norm", 3),
-        "prespark": spark_text(state, row, "pre_clip_grad_norm"),
-        "kl": metric_text(state, "approx_kl", latest("approx_kl"), 4),
-        "clip": metric_text(state, "clip_fraction", latest("clip_fraction"), 3),
-        "entropy": metric_text(state, "entropy", latest("entropy"), 3),
-        "ev": metric_text(state, "explained_variance", latest("explained_variance"), 2),
-        "ret": metric_text(state, "episode_return_mean", latest("episode_return_mean"), 1),
-        "sps": metric_text(state, "sps", latest("sps"), 0),
-        "lr": Text(fmt_lr(latest("lr"))),
-        "update": Text(str(row.update) if row.update is not None else MISSING),
-        "age": Text(fmt_age(age), style="bold magenta" if status == STALE else ""),
-        "ts": Text(time.strftime("%H:%M:%S", time.localtime(row.last_ts)) if row.last_ts else MISSING,
-                   style="dim"),
-        "dropped": Text(str(row.dropped) if row.dropped else "", style="yellow"),
-        "status": Text(status_label_text, style=STATUS_STYLE[status]),
+        "update": [(str(row.update) if row.update is not None else MISSING, "")],
+        "age": [(fmt_age(row.age(now)), "bold magenta" if status == STALE else "")],
+        "status": [(status_label_text, STATUS_STYLE[status])],
     }
+    for key, metric, digits in _WORKER_METRICS:
+        if want(key):
+            cells[key] = metric_cell(state, metric, latest(metric), digits)
+    if want("spark"):
+        cells["spark"] = spark_cell(state, row)
+    if want("pre"):
+        cells["pre"] = row_metric_cell(state, row, "pre_clip_grad_norm", 3)
+    if want("prespark"):
+        cells["prespark"] = spark_cell(state, row, "pre_clip_grad_norm")
+    if want("lr"):
+        cells["lr"] = [(fmt_lr(latest("lr")), "")]
+    if want("ts"):
+        cells["ts"] = [(time.strftime("%H:%M:%S", time.localtime(row.last_ts))
+                        if row.last_ts else MISSING, "dim")]
+    if want("dropped"):
+        cells["dropped"] = [(str(row.dropped) if row.dropped else "", "yellow")]
     for name in state.columns:
-        cells[f"value:{name}"] = row_metric_text(state, row, name, 3)
-        cells[f"spark:{name}"] = spark_text(state, row, name)
+        if want(f"value:{name}"):
+            cells[f"value:{name}"] = row_metric_cell(state, row, name, 3)
+        if want(f"spark:{name}"):
+            cells[f"spark:{name}"] = spark_cell(state, row, name)
     return cells
 
 
-def _fleet_cells(state: MonitorState, run: str, now: float, tier: int = 3) -> dict[str, Text]:
+#: Worker-row columns that show a metric's latest value coloured by its thresholds:
+#: (column, metric, digits).
+_WORKER_METRICS = (("grad", "grad_norm", 3), ("kl", "approx_kl", 4), ("clip", "clip_fraction", 3),
+                   ("entropy", "entropy", 3), ("ev", "explained_variance", 2),
+                   ("ret", "episode_return_mean", 1), ("sps", "sps", 0))
+
+
+def _fleet_cells(state: MonitorState, run: str, now: float, tier: int = 3) -> dict[str, Cell]:
     source, summary = state.fleet_row(run, now)
     metrics: dict[str, Any] = summary.get("metrics") or {}
 
-    def mean(metric: str, digits: int) -> Text:
+    def mean(metric: str, digits: int) -> Cell:
         entry = metrics.get(metric)
         if not entry:
-            return Text(MISSING, style="dim")
-        text = metric_text(state, metric, entry.get("mean"), digits)
+            return [(MISSING, "dim")]
         if entry.get("nonfinite"):
-            text = Text(f"NaN×{entry['nonfinite']}", style=NONFINITE_STYLE)
-        return text
+            return [(f"NaN×{entry['nonfinite']}", NONFINITE_STYLE)]
+        return metric_cell(state, metric, entry.get("mean"), digits)
 
     grad = metrics.get("grad_norm") or {}
-    worst = Text()
+    worst: Cell = []
     if grad.get("worst_worker") is not None:
         value = grad.get("worst_value")
-        worst.append("worst ", style="dim")
-        worst.append(f"w{grad['worst_worker']} {fmt(value, 2)}",
-                     style=HEALTH_STYLE[state.metric_health("grad_norm", value)])
+        worst.append(("worst ", "dim"))
+        worst.append((f"w{grad['worst_worker']} {fmt(value, 2)}",
+                      HEALTH_STYLE[state.metric_health("grad_norm", value)]))
     live = int(summary.get("workers_live") or 0)
     total = live + int(summary.get("workers_stale") or 0)
     if total:
         label = f"{live}/{total} live"
         if len(label) > WIDTH_BY_TIER["status"][tier]:
             label = f"{live}/{total}"  # a big fleet at 80 columns: the numbers, not the word
-        status = Text(label, style="bold" if live == total else "bold magenta")
+        status: Cell = [(label, "bold" if live == total else "bold magenta")]
     else:  # only finished workers are left (the header counts them: "N done")
-        status = Text("done" if state.finished_workers(run) else "0 live", style="dim")
-    label = Text("Σ " + run, style="bold cyan", overflow="ellipsis", no_wrap=True)
+        status = [("done" if state.finished_workers(run) else "0 live", "dim")]
     custom = {f"value:{name}": mean(name, 3) for name in state.columns}
     return {
         **custom,
-        "worker": label, "grad": mean("grad_norm", 3), "spark": worst,
-        "pre": mean("pre_clip_grad_norm", 3), "prespark": Text(""), "kl": mean("approx_kl", 4),
+        "worker": [("Σ " + run, "bold cyan")], "grad": mean("grad_norm", 3), "spark": worst,
+        "pre": mean("pre_clip_grad_norm", 3), "kl": mean("approx_kl", 4),
         "clip": mean("clip_fraction", 3), "entropy": mean("entropy", 3),
         "ev": mean("explained_variance", 2), "ret": mean("episode_return_mean", 1),
-        "sps": mean("sps", 0), "lr": Text(""),
-        "update": Text(str(summary.get("updates") or 0), style="bold"),
-        "age": Text({"aggregator": "agg", "final": "final"}.get(source, ""), style="dim"),
-        "ts": Text(""), "dropped": Text(""),
+        "sps": mean("sps", 0),
+        "update": [(str(summary.get("updates") or 0), "bold")],
+        "age": [({"aggregator": "agg", "final": "final"}.get(source, ""), "dim")],
         "status": status,
     }
 
@@ -468,7 +504,7 @@ def plan_runs(state: MonitorState, now: float, budget: int | None,
 
 
 def _distribution_cells(state: MonitorState, run: str, now: float,
-                        counts: list[tuple[str, int]]) -> list[dict[str, Text]]:
+                        counts: list[tuple[str, int]]) -> list[dict[str, Cell]]:
     """A fleet view's rows under its Σ row: p50, p90 and max of each metric column across
     the run's live workers, then per column how many of them are warning/critical (NaN
     counts as critical; for a metric without thresholds, how many are non-finite); the
@@ -476,33 +512,32 @@ def _distribution_cells(state: MonitorState, run: str, now: float,
     dists = {key: state.fleet.distribution(run, metric, now)
              for key, (metric, _) in DIST_METRICS.items()}
     lines = max(len(DIST_ROWS), len(counts))
-    out: list[dict[str, Text]] = []
+    out: list[dict[str, Cell]] = []
     for i in range(lines):
         stat = DIST_ROWS[i] if i < len(DIST_ROWS) else ""
-        cells = {c.key: Text("") for c in COLUMNS}
-        cells["worker"] = Text(f"  {stat}", style="cyan")
+        cells: dict[str, Cell] = {"worker": [(f"  {stat}", "cyan")]}
         for key, (metric, digits) in DIST_METRICS.items():
             dist = dists[key]
             if stat in ("p50", "p90", "max"):
                 value = dist[stat]
                 if not dist["workers"]:
-                    cells[key] = Text(MISSING, style="dim")
+                    cells[key] = [(MISSING, "dim")]
                 elif math.isnan(value):  # every live value non-finite
-                    cells[key] = Text(f"NaN×{dist['nonfinite']}", style=NONFINITE_STYLE)
+                    cells[key] = [(f"NaN×{dist['nonfinite']}", NONFINITE_STYLE)]
                 else:
-                    cells[key] = metric_text(state, metric, value, digits)
+                    cells[key] = metric_cell(state, metric, value, digits)
             elif stat == "warn/crit":
                 health = dist["health"]
                 warn, crit = health.get("warning", 0), health.get("critical", 0)
                 if state.health.for_metric(metric):
                     style = HEALTH_STYLE["critical"] if crit else \
                         HEALTH_STYLE["warning"] if warn else "dim"
-                    cells[key] = Text(f"{warn}/{crit}", style=style)
+                    cells[key] = [(f"{warn}/{crit}", style)]
                 elif dist["nonfinite"]:
-                    cells[key] = Text(f"NaN×{dist['nonfinite']}", style=NONFINITE_STYLE)
+                    cells[key] = [(f"NaN×{dist['nonfinite']}", NONFINITE_STYLE)]
         if i < len(counts):
             status, count = counts[i]
-            cells["status"] = Text(f"{count} {dict(COUNT_ORDER)[status]}", style=STATUS_STYLE[status])
+            cells["status"] = [(f"{count} {dict(COUNT_ORDER)[status]}", STATUS_STYLE[status])]
         out.append(cells)
     return out
 
@@ -580,36 +615,46 @@ class MonitorView:
         grid.add_row(left, right if width >= 100 else Text(""))
         return grid
 
-    def _table(self, views: list[RunView], tier: int, width: int) -> Group:
-        """The rows, laid out by hand as one :class:`Text` per line.
+    def _table(self, views: list[RunView], tier: int, width: int) -> _Lines:
+        """The rows, laid out by hand: one line of merged (text, style) pieces each.
 
         Not a rich ``Table``: measuring and padding ~900 cells through rich's layout
         engine took ~200 ms a frame on the 2-core bench machine under load (the redraw
-        rate could not reach 4 Hz, let alone 10); fixed columns need none of it. It draws
+        rate could not reach 4 Hz, let alone 10); fixed columns need none of it. Nor a
+        ``Text`` per cell: building and rendering them span by span was still half of a
+        frame's cost; a line is a few pieces, neighbours of one style merged, so it
+        renders to few segments (each segment costs rich work on every redraw). It draws
         what the table did: a bold header, a rule, runs separated by a blank line, cells
         justified in their column and cut with "…" when too long, a column wider than its
         normal width when its content needs it and the width allows (``worst w299 12.00``),
         stale and finished rows dimmed as a whole."""
         columns = visible_columns(tier, self.state.columns, width)
-        blank = Text("")
-        body: list[tuple[dict[str, Text], str] | None] = []  # None: a blank line between runs
+        keys = [column.key for column in columns]
+        wanted = frozenset(keys)
+        # (cells, their widths, the line's style); None: a blank line between runs
+        body: list[tuple[dict[str, Cell], dict[str, int], str] | None] = []
         state, now = self.state, self.now
+
+        def add(cells: dict[str, Cell], style: str = "") -> None:
+            body.append((cells, {key: cell_len(cell) for key, cell in cells.items()}, style))
+
         for i, view in enumerate(views):
             if i:
                 body.append(None)
-            body.append((_fleet_cells(state, view.run, now, tier), ""))
+            add(_fleet_cells(state, view.run, now, tier))
             if view.fleet_view:
-                body.extend((cells, "") for cells in
-                            _distribution_cells(state, view.run, now, view.counts or []))
+                for cells in _distribution_cells(state, view.run, now, view.counts or []):
+                    add(cells)
             for row in view.rows:
                 old_news = state.row_status(row, now) in (STALE, DONE)
-                body.append((_worker_cells(state, row, now, tier), "dim" if old_news else ""))
+                add(_worker_cells(state, row, now, tier, wanted), "dim" if old_news else "")
         widths: list[int] = []
         for column in columns:
             base = column_width(column, tier)
-            content = max([len(column.header)] + [entry[0].get(column.key, blank).cell_len
+            key = column.key
+            content = max([len(column.header)] + [entry[1].get(key, 0)
                                                   for entry in body if entry is not None])
-            widths.append(min(content, base) if column.key == "worker" else max(base, content))
+            widths.append(min(content, base) if key == "worker" else max(base, content))
         over = sum(widths) + 2 * (len(widths) - 1) - width
         for j in sorted(range(len(columns)), key=lambda j: column_width(columns[j], tier) - widths[j]):
             if over <= 0:
@@ -618,34 +663,35 @@ class MonitorView:
             widths[j] -= cut
             over -= cut
         total = sum(widths) + 2 * (len(widths) - 1)
-        header = Text(style="bold", no_wrap=True, end="")
-        for j, column in enumerate(columns):
-            if j:
-                header.append("  ")
-            header.append(column.header.rjust(widths[j]) if column.justify == "right"
-                          else column.header.ljust(widths[j]))
-        lines: list[Text] = [header, Text("─" * total, no_wrap=True, end="")]
+        header = "  ".join(column.header.rjust(widths[j]) if column.justify == "right"
+                           else column.header.ljust(widths[j]) for j, column in enumerate(columns))
+        lines: list[tuple[Cell, str]] = [([(header, "")], "bold"), ([("─" * total, "")], "")]
+        right = [column.justify == "right" for column in columns]
         for entry in body:
             if entry is None:
-                lines.append(Text("", end=""))
+                lines.append(([], ""))
                 continue
-            cells, style = entry
-            line = Text(style=style, no_wrap=True, end="")
-            for j, column in enumerate(columns):
-                if j:
-                    line.append("  ")
-                cell = cells.get(column.key) or Text("")
+            cells, cell_widths, style = entry
+            flat: Cell = []
+            push = flat.append
+            for j, key in enumerate(keys):
+                lead = "  " if j else ""
+                cell = cells.get(key)
                 w = widths[j]
-                if cell.cell_len > w:
-                    cell.truncate(w, overflow="ellipsis")
-                pad = w - cell.cell_len
-                if column.justify == "right":
-                    line.append(" " * pad)
-                    line.append_text(cell)
+                if not cell:
+                    push((lead + " " * w, ""))
+                    continue
+                used = cell_widths[key]
+                if used > w:
+                    cell, used = _truncate(cell, w), w
+                if right[j]:
+                    push((lead + " " * (w - used), ""))
+                    flat += cell
                 else:
-                    line.append_text(cell)
-                    line.append(" " * pad)
-            lines.append(line)
+                    push((lead, ""))
+                    flat += cell
+                    push((" " * (w - used), ""))
+            lines.append((_merged(flat), style))
         return _Lines(lines)
 
     def _alerts_panel(self, width: int) -> Panel | None:
@@ -678,7 +724,7 @@ class MonitorView:
     def _footer(self) -> Text:
         state = self.state
         text = Text(style="dim")
-        text.append(f"{state.events_total:,} events")
+        text.append(f"{state.events_received:,} events")
         if self.refresh_hz is not None:
             text.append(f" · {state.rate_eps:,.0f}/s")
         text.append(" · ")
@@ -686,8 +732,8 @@ class MonitorView:
         text.append(" · ")
         text.append(f"rejected {state.rejected}", style="yellow" if state.rejected else "")
         if state.skipped:
-            # Read and accounted for, not drawn: older updates of a stream that had a newer
-            # one in the same batch while the monitor was behind (never a NaN/critical one).
+            # Read and accounted for, not drawn: updates of a stream superseded by a newer
+            # one before the frame while the monitor was behind (never a NaN/critical one).
             text.append(" · ")
             text.append(f"skipped {state.skipped:,} (load)", style="yellow")
         if not state.alerts:  # firing ones have their own panel
@@ -704,18 +750,72 @@ class MonitorView:
         return text
 
 
-class _Lines:
-    """Lines of :class:`Text`, one per screen line, rendered straight to segments (no
-    wrapping or measuring: :meth:`MonitorView._table` made them fit)."""
+def _merged(pieces: Cell) -> Cell:
+    """``pieces`` with neighbours of the same style joined (each piece becomes a segment,
+    and rich does work per segment on every redraw)."""
+    out: Cell = []
+    texts: list[str] = []
+    current = ""
+    for text, style in pieces:
+        if not text:
+            continue
+        if style != current and texts:
+            out.append(("".join(texts), current))
+            texts = []
+        current = style
+        texts.append(text)
+    if texts:
+        out.append(("".join(texts), current))
+    return out
 
-    def __init__(self, lines: list[Text]) -> None:
+
+def _truncate(cell: Cell, width: int) -> Cell:
+    """A cell cut to ``width`` terminal cells, its last one an "…" (in the style of the
+    piece it cuts)."""
+    out: Cell = []
+    room = width - 1
+    for text, style in cell:
+        size = _cell_len(text)
+        if size <= room:
+            out.append((text, style))
+            room -= size
+            continue
+        out.append((set_cell_size(text, room) + "…" if room > 0 else "…", style))
+        return out
+    return out
+
+
+class _Lines:
+    """Lines of (text, style) pieces, one per screen line, rendered straight to segments
+    (no wrapping or measuring: :meth:`MonitorView._table` made them fit). ``line style``
+    is under each piece's own, as a ``Text``'s style is under its spans."""
+
+    def __init__(self, lines: list[tuple[Cell, str]]) -> None:
         self.lines = lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         new_line = Segment.line()
-        for line in self.lines:
-            yield from line.render(console)
+        styles: dict[tuple[str, str], Style | None] = {}
+        get_style = console.get_style
+        for pieces, line_style in self.lines:
+            for text, style in pieces:
+                key = (line_style, style)
+                resolved = styles.get(key, _UNSET)
+                if resolved is _UNSET:
+                    if not line_style and not style:
+                        resolved = None
+                    elif not line_style:
+                        resolved = get_style(style)
+                    elif not style:
+                        resolved = get_style(line_style)
+                    else:
+                        resolved = get_style(line_style) + get_style(style)
+                    styles[key] = resolved
+                yield Segment(text, resolved)  # type: ignore[arg-type]
             yield new_line
+
+
+_UNSET: Any = object()
 
 
 def alerts_lines(state: MonitorState) -> int:

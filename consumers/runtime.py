@@ -397,16 +397,36 @@ class Subscriber:
             pass  # ZeroMQ already dropped the endpoint
         self._sock.connect(self.subscribe_endpoint)
 
-    def _drain(self, events: list[protocol.Event], limit: int = MAX_BATCH) -> None:
-        sock = self._sock
-        for _ in range(limit):
+    def _drain(self, events: list[protocol.Event], limit: int = MAX_BATCH) -> int:
+        """Read up to ``limit`` queued messages without waiting, each handed to
+        :meth:`_take`; returns how many were read (``limit``: more may be queued).
+
+        Frame by frame rather than ``recv_multipart``: ``recv(copy=False)`` and the frame's
+        own ``more`` flag cost ~2 µs a message against ~3 µs (measured on the 2-core VM,
+        20k two-frame messages), which is most of the receive cost at tens of thousands
+        of events a second. Every frame of a message is still read, so a message of the
+        wrong frame count is rejected (and counted) as one, exactly as before."""
+        recv = self._sock.recv
+        take = self._take
+        read = 0
+        while read < limit:
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frame = recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
-            event = self._accept(frames)
-            if event is not None:
-                events.append(event)
+                break
+            read += 1
+            frames = [frame.bytes]
+            while frame.more:  # a message's frames arrive together: the rest are queued
+                frame = recv(zmq.NOBLOCK, copy=False)
+                frames.append(frame.bytes)
+            take(frames, events)
+        return read
+
+    def _take(self, frames: list[bytes], events: list[protocol.Event]) -> None:
+        """One message read by :meth:`_drain`: validated, filtered and accounted for."""
+        event = self._accept(frames)
+        if event is not None:
+            events.append(event)
 
     def _accept(self, frames: list[bytes], from_snapshot: bool = False) -> protocol.Event | None:
         self.stats.received += 1

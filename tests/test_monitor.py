@@ -327,6 +327,7 @@ def test_frame_values_and_styles():
     assert "NaN" in text and "123.5" in text and "0.80" in text
     assert "Σ r" in text  # the fleet row
     assert "1 NaN" in text and "1 critical" in text
+    assert style_of(styled, "grad norm") == "bold"  # the column header, as rich's Table drew it
 
 
 def test_frame_learning_with_alerts_panel_and_markers():
@@ -659,6 +660,15 @@ def test_monitor_once_shows_a_pre_clip_spike(procs, daemon):
     assert "WARNING" in out and "warn pre 11x" in out and "pre last 10" in out, out
 
 
+def test_event_rate_counts_skipped_updates():
+    """Under load the footer's rate is of every event read, not of the few shown."""
+    state = connected_state()
+    state.sync(NOW, connected=True, ever_connected=True, skipped=0)
+    feed(state, 0, [1.0] * 5)
+    state.sync(NOW + 1.0, connected=True, ever_connected=True, skipped=995)
+    assert state.events_received == 1000 and state.rate_eps == 1000.0
+
+
 def test_must_show_keeps_every_nan_and_critical_value():
     state = connected_state()
     assert not state.must_show(ppo_payload(grad_norm=1.0, approx_kl=0.02))  # a warning: may go
@@ -669,11 +679,35 @@ def test_must_show_keeps_every_nan_and_critical_value():
         assert state.must_show(ppo_payload(**news)), news
 
 
+def test_must_show_judges_exactly_as_the_levels_do():
+    """must_show's precomputed safe ranges give the verdict of judging every critical level
+    with ``breaches`` (and NaN/inf as news), at and around every level of every row metric."""
+    from consumers.monitor_state import ROW_METRICS
+    from consumers.thresholds import breaches
+
+    state = connected_state()
+    for metric in ROW_METRICS:
+        levels = [t for t in state.health.for_metric(metric) if t.critical is not None]
+        values = [0, 1, -1, 0.0, 1e-12, -1e300, 1e300, math.nan, math.inf, -math.inf]
+        for t in levels:
+            values += [t.critical, t.critical * (1 + 1e-9), t.critical * (1 - 1e-9),
+                       t.critical + 1, t.critical - 1, int(t.critical)]
+        for value in values:
+            news = not math.isfinite(value) or any(breaches(t.op, value, t.critical) for t in levels)
+            if metric == "nonfinite_grad_count":
+                news = news or (isinstance(value, int) and value > 0)
+            assert state.must_show({metric: value}) == news, (metric, value)
+        assert not state.must_show({metric: "text"}) and not state.must_show({metric: None})
+        assert not state.must_show({metric: False})  # a bool is no measurement
+    assert state.must_show({"sps": 10**400})  # beyond any float: shown, never a crash
+
+
 def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, daemon):
-    """Behind a real daemon, a burst read in small batches (as the live loop reads when it
-    is behind): older updates of a stream are skipped and counted, nothing counts as lost,
-    every row ends on its newest update, and the NaN and critical values, though each had
-    newer updates of its worker right behind it, reach the rows."""
+    """Behind a real daemon, a burst read in small batches while shedding (as the live loop
+    reads when it is behind), each batch followed by a frame: older updates of a stream
+    are skipped and counted, nothing counts as lost, every row ends on its newest update,
+    and the NaN and critical values, though each had newer updates of its worker right
+    behind it, reach the rows."""
     from consumers.monitor import SheddingSubscriber
 
     n, workers = 400, 4
@@ -684,6 +718,7 @@ def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, da
         sub.must_show = state.must_show
         wait_for(lambda: state.ingest_many(sub.poll(20), time.monotonic()) or sub.stats.snapshots >= 1,
                  10, message="subscriber connected")
+        sub.shedding = True  # what end_frame decides when reading took most of a frame
         emitters = [TelemetryEmitter("load", w, daemon.publish, heartbeat_interval=None)
                     for w in range(workers)]
         try:
@@ -693,8 +728,9 @@ def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, da
                     emitter.emit_ppo_update(**ppo_fields(u, **{"grad_norm": 1.0, "approx_kl": 0.004,
                                                                **news.get((w, u), {})}))
 
-            def all_in() -> bool:
+            def all_in() -> bool:  # a "frame" per poll: read a batch, then take the held
                 state.ingest_many(sub.poll(20, max_messages=50), time.monotonic())
+                state.ingest_many(sub.release(), time.monotonic())
                 return all(sub.book.streams.get(("load", w)) is not None and
                            sub.book.streams[("load", w)].last_update == n - 1 for w in range(workers))
 
@@ -715,6 +751,136 @@ def test_shedding_under_load_accounts_for_everything_and_hides_no_news(procs, da
     state.sync_from(sub, time.monotonic())
     text = render_text(state, time.monotonic(), width=120)
     assert f"skipped {sub.skipped:,} (load)" in text
+    # The footer's count is of every event read, shown or skipped.
+    assert f"{state.events_total + sub.skipped:,} events" in text
+
+
+def _shedding_subscriber(daemon, run: str):
+    """A SheddingSubscriber and a state wired as the CLI wires them, once connected and its
+    snapshot is in."""
+    from consumers.monitor import SheddingSubscriber
+
+    sub = SheddingSubscriber(daemon.subscribe, daemon.snapshot, run=run)
+    state = connected_state(book=sub.book)
+    sub.must_show = state.must_show
+    wait_for(lambda: state.ingest_many(sub.poll(20), time.monotonic()) or sub.stats.snapshots >= 1,
+             10, message="subscriber connected")
+    return sub, state
+
+
+def _read_all(sub, state: MonitorState, total: int) -> None:
+    """Poll (no frame: nothing released) until all ``total`` messages sent were read:
+    accounted for, taken the full way, or held."""
+    wait_for(lambda: state.ingest_many(sub.poll(20, max_messages=50), time.monotonic())
+             or sub.stats.received + sub.held == total, 20, message=f"{total} messages read")
+
+
+def test_shedding_holds_each_streams_newest_update_until_the_frame_in_order(procs, daemon):
+    """While shedding, updates are held between frames, newest per stream: nothing of a
+    stream reaches the rows until release(), except that the stream's other messages
+    release it first — so a closing heartbeat still comes after the update it follows and
+    the worker shows as done. Every superseded update is accounted for (skipped, not
+    lost); each row ends on its newest update."""
+    from bus.publisher import EventPublisher
+
+    n, workers = 20, 3
+    sub, state = _shedding_subscriber(daemon, "hold")
+    with sub, EventPublisher(daemon.publish) as pub:
+        assert pub.wait_for_bus(10)
+        sub.shedding = True
+        for seq in range(n):
+            for w in range(workers):
+                assert pub.send_frames(protocol.encode(ppo_payload("hold", w, f"s{w}", seq,
+                                                                   update=seq)))
+        closing = other("heartbeat", run="hold", worker=0, session="s0", interval_s=2.0,
+                        closing=True)
+        assert pub.send_frames(list(closing.frames))
+        _read_all(sub, state, n * workers + 1)
+        assert sub.held == workers - 1  # worker 0's went ahead of its heartbeat
+        assert ("hold", 1) not in state.rows and ("hold", 2) not in state.rows
+        row0 = state.rows[("hold", 0)]
+        assert row0.update == n - 1 and row0.finished and state.row_status(row0, NOW) == DONE
+        state.ingest_many(sub.release(), time.monotonic())  # the frame
+        assert sub.held == 0
+    assert all(state.rows[("hold", w)].update == n - 1 for w in range(workers))
+    assert all(state.rows[("hold", w)].updates == 1 for w in range(workers))
+    assert row0.finished  # releasing did not undo the closing heartbeat
+    assert sub.skipped == workers * (n - 1)
+    assert sub.stats.dropped_total == 0 and sub.stats.rejected_total == 0
+
+
+def test_shedding_holds_at_most_max_held_streams(procs, daemon, monkeypatch):
+    """Beyond MAX_HELD streams an update goes the full way at once (bounded memory)."""
+    from bus.publisher import EventPublisher
+    from consumers import monitor
+
+    monkeypatch.setattr(monitor, "MAX_HELD", 2)
+    n, workers = 10, 4
+    sub, state = _shedding_subscriber(daemon, "cap")
+    with sub, EventPublisher(daemon.publish) as pub:
+        assert pub.wait_for_bus(10)
+        sub.shedding = True
+        for seq in range(n):
+            for w in range(workers):
+                assert pub.send_frames(protocol.encode(ppo_payload("cap", w, f"s{w}", seq)))
+        _read_all(sub, state, n * workers)
+        assert sub.held == 2
+        state.ingest_many(sub.release(), time.monotonic())
+    updates = sorted(state.rows[("cap", w)].updates for w in range(workers))
+    assert updates == [1, 1, n, n] and sub.skipped == 2 * (n - 1)
+    assert sub.stats.dropped_total == 0
+
+
+def test_shedding_counts_malformed_messages_exactly(procs, daemon):
+    """Malformed messages among held and superseded updates of the same stream — one
+    frame, three frames, not msgpack, another version, a bad topic (one the run's
+    subscription still lets through) — are each rejected and counted by the reason a full
+    decode gives; the valid updates are all accounted for."""
+    from bus.publisher import EventPublisher
+    from tests.test_hostile import consumer_verdict
+
+    topic = b"ppo_update/bad/0"
+    hostile = [[topic], [*protocol.encode(ppo_payload("bad", 0, "s0", 1000)), b"x"],
+               [topic, b"\xc1"], [topic, protocol.encode(ppo_payload("bad", 0, "s0", 1001, v=2))[1]],
+               [b"ppo_update/bad/x", protocol.encode(ppo_payload("bad", 0, "s0", 1002))[1]]]
+    expected: dict[str, int] = {}
+    n = 30
+    sub, state = _shedding_subscriber(daemon, "bad")
+    with sub, EventPublisher(daemon.publish) as pub:
+        assert pub.wait_for_bus(10)
+        sub.shedding = True
+        sent = 0
+        for seq in range(n):
+            assert pub.send_frames(protocol.encode(ppo_payload("bad", 0, "s0", seq, update=seq)))
+            sent += 1
+            frames = hostile[seq % len(hostile)]
+            reason = consumer_verdict(frames)
+            assert reason is not None
+            expected[reason] = expected.get(reason, 0) + 1
+            assert pub.send_frames(frames)
+            sent += 1
+        _read_all(sub, state, sent)
+        state.ingest_many(sub.release(), time.monotonic())
+    assert dict(sub.stats.rejected) == expected
+    assert sub.skipped + state.rows[("bad", 0)].updates == n
+    assert sub.stats.dropped_total == 0 and state.rows[("bad", 0)].update == n - 1
+
+
+def test_shedding_starts_when_reading_is_busy_and_stops_when_it_is_light():
+    from consumers.monitor import SHED_ENTER_SHARE, SHED_LEAVE_SHARE, SheddingSubscriber
+
+    with SheddingSubscriber("tcp://127.0.0.1:1", use_snapshot=False) as sub:
+        sub.end_frame(0.1, 0.1 * SHED_ENTER_SHARE * 0.9)
+        assert not sub.shedding  # the full way fits
+        sub.end_frame(0.1, 0.1 * SHED_ENTER_SHARE * 1.1)
+        assert sub.shedding
+        sub.end_frame(0.1, 0.1 * SHED_LEAVE_SHARE * 1.1)
+        assert sub.shedding  # hysteresis: the full way costs about twice as much
+        sub.end_frame(0.1, 0.1 * SHED_LEAVE_SHARE * 0.9)
+        assert not sub.shedding
+        sub.work_s = 0.1 * SHED_ENTER_SHARE * 1.1  # the subscriber's own reading counts too
+        sub.end_frame(0.1, 0.0)
+        assert sub.shedding and sub.work_s == 0.0
 
 
 def test_monitor_rejects_refresh_above_10hz(procs):
