@@ -55,7 +55,7 @@ from typing import Any
 import zmq
 import zmq.auth
 
-from bus import endpoints, protocol, transport
+from bus import endpoints, lifecycle, protocol, transport
 
 log = logging.getLogger("trainbus.daemon")
 
@@ -841,8 +841,8 @@ def run(args: argparse.Namespace) -> int:
         idle_evict_s=args.idle_evict, upstream=args.upstream, upstream_curve=args.upstream_curve,
         upstream_hwm=args.upstream_hwm,
     )
-    signal.signal(signal.SIGINT, daemon.stop)
-    signal.signal(signal.SIGTERM, daemon.stop)
+    for signum in lifecycle.STOP_SIGNALS:  # Ctrl-C, a supervisor, a closed terminal
+        signal.signal(signum, daemon.stop)
     eps = daemon.endpoints
     log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s", os.getpid(),
              eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "")

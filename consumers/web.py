@@ -58,6 +58,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from bus import protocol
+from bus.lifecycle import StopFlag
 from consumers.fleet import STATUS_RANK, Worker, WorkerKey
 from consumers.history import SPARK_BLOCKS, sparkline_cells, trend
 from consumers.monitor_state import MonitorState
@@ -385,7 +386,7 @@ def sse(event: str, body: dict[str, Any]) -> bytes:
 # --------------------------------------------------------------------- the bus thread
 
 
-def bus_loop(hub: WebHub, sub: Any, stop: threading.Event) -> None:
+def bus_loop(hub: WebHub, sub: Any, stop: StopFlag) -> None:
     """Poll the bus, feed the state, push coalesced deltas: at most FLUSH_HZ a second, and
     at once when the previous push is older than that (so one event is on its way within
     a millisecond or two of arriving)."""

@@ -21,14 +21,14 @@ Fault drills (what an operator's monitor and alerts should show; see emitter/ppo
     trainbus train --explode-at 20 --explode-growth 2   # clipped: only the pre-clip norm
                                                    # explodes (the spike rule's drill)
 
-Stopping: Ctrl-C (SIGINT to the foreground group) or SIGTERM to this process stops every
-worker after its current update (each closes its emitter, flushing queued events for at
-most the linger time); a worker still alive after a grace period is killed, so no process
+Stopping: Ctrl-C (SIGINT to the foreground group), SIGTERM to this process or its terminal
+closing (SIGHUP) stops every worker after its current update (each closes its emitter,
+flushing queued events for at most the linger time); a worker still alive after a grace period is killed, so no process
 outlives the command. Workers also ask the kernel for SIGTERM if this process dies
 (``PR_SET_PDEATHSIG`` on Linux) and check their parent between updates.
 
-Exit status: 0 when every worker finished its updates, 130 after SIGINT, 143 after SIGTERM,
-1 when a worker failed.
+Exit status: 0 when every worker finished its updates, 128 + the signal's number after a
+stop signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP), 1 when a worker failed.
 """
 
 from __future__ import annotations
@@ -42,14 +42,13 @@ import os
 import secrets
 import signal
 import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bus import endpoints, supervise
+from bus import endpoints, lifecycle, supervise
 from bus.cli import (
     UsageError,
     add_publisher_arguments,
@@ -65,7 +64,7 @@ log = logging.getLogger("trainbus.train")
 STOP_GRACE_S = 5.0
 #: A worker logs a progress line every this many updates.
 PROGRESS_EVERY = 10
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_STOP_SIGNALS = lifecycle.STOP_SIGNALS  # Ctrl-C, a supervisor, a closed terminal
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +124,7 @@ class WorkerSpec:
 
 def worker_main(spec: WorkerSpec) -> None:
     """Entry point of one worker process (runs in the spawned child)."""
-    stop = threading.Event()
+    stop = lifecycle.StopFlag()  # set from the handler below: no lock (see StopFlag)
     running = False
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -261,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         os.close(wake_w)
 
     if received:
-        return 130 if received[0] == signal.SIGINT else 143
+        return 128 + received[0]  # the shell's convention: 130 SIGINT, 143 SIGTERM
     if failed or any(p.exitcode for p in procs):
         return 1
     return 0
