@@ -30,7 +30,8 @@ last so no consumer sees the bus vanish). Each gets SIGTERM; whatever is still a
 ``STOP_GRACE_S`` gets SIGKILL, and every group is swept with SIGKILL once its leader has
 exited (catching e.g. a training worker whose parent died). On Linux the children also get
 SIGTERM from the kernel if this process dies without cleaning up (PR_SET_PDEATHSIG). The
-demo ends on Ctrl-C/SIGTERM, after ``--duration`` seconds, or when the monitor or the
+demo ends on Ctrl-C/SIGTERM/SIGHUP, when its terminal hangs up (checked, as a signal may
+never come: see the main loop), after ``--duration`` seconds, or when the monitor or the
 daemon exits. The supervision itself is :mod:`bus.supervise`, shared with ``trainbus train``.
 
 Missing parts fail loudly: the demo starts each component as ``trainbus <command>``, whose
@@ -278,8 +279,14 @@ def run(args: argparse.Namespace) -> int:
                             stdout_to_log=False)
 
         deadline = time.monotonic() + args.duration if args.duration else None
+        terminal = _terminal_fd()
         while not stop.is_set():
             if not monitor.alive():
+                break
+            if terminal is not None and not os.isatty(terminal):
+                # The terminal hung up (window closed, tmux kill-session) and no SIGHUP
+                # reached us: under `make demo`, make is the session leader the kernel
+                # signals, and make waits for its children instead of passing it on.
                 break
             if not daemon.alive():
                 print(f"trainbus demo: the daemon exited; see {daemon.log_path}", file=sys.stderr)
@@ -303,9 +310,24 @@ def run(args: argparse.Namespace) -> int:
             stop.wait(wait_s)
     finally:
         sup.stop_all()
-        print(f"trainbus demo: stopped {len(sup.children)} process(es); logs in {log_dir}",
-              file=sys.stderr, flush=True)
+        try:
+            print(f"trainbus demo: stopped {len(sup.children)} process(es); logs in {log_dir}",
+                  file=sys.stderr, flush=True)
+        except OSError:  # the terminal is gone (EIO): nobody to tell
+            pass
     return status
+
+
+def _terminal_fd() -> int | None:
+    """The terminal the demo was started on (stdout, else stderr), or None without one.
+
+    A hung-up terminal answers isatty() with False (its ioctls fail with EIO), which the
+    main loop checks: closing the window then stops the demo even where no SIGHUP
+    arrives."""
+    for fd in (1, 2):
+        if os.isatty(fd):
+            return fd
+    return None
 
 
 def _start_web(sup: Supervisor, log_dir: Path, stop: object, port: int) -> Child | None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import threading
 
 import pytest
 
@@ -108,3 +110,49 @@ def test_demo_falls_back_to_ephemeral_ports_when_its_endpoints_are_taken(procs, 
     stderr = demo.stderr.text()
     assert "cannot bind" in stderr and "OS-chosen loopback ports" in stderr
     assert daemon.proc.popen.poll() is None  # the daemon already there is left alone
+
+
+@pytest.mark.timeout(60)
+def test_demo_stops_when_its_terminal_hangs_up_without_a_signal(tmp_path):
+    """Under `make demo`, closing the terminal signals only make (the session leader), which
+    waits for the demo instead of passing SIGHUP on: the demo must notice the hang-up itself.
+    Here the demo runs on a pty that is not its controlling terminal (so no signal at all)
+    and the pty's master is closed, as a terminal window does when it closes."""
+    master, slave = os.openpty()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="100")
+    for name in ("TRAINBUS_PUBLISH", "TRAINBUS_SUBSCRIBE", "TRAINBUS_SNAPSHOT"):
+        env.pop(name, None)
+    popen = subprocess.Popen(
+        trainbus_cmd("demo", *EPHEMERAL_BUS, "--workers", "1", "--source", "publish",
+                     "--log-dir", str(tmp_path)),
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, start_new_session=True)
+    os.close(slave)
+    seen = bytearray()
+
+    def drain() -> None:  # the monitor draws to the pty: keep its buffer from filling
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                return
+            if not chunk:
+                return
+            seen.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: b"started monitor" in seen, 30, message="the demo to start its monitor")
+        wait_for(lambda: re.search(rb"\d+ live", seen), 30, message="the monitor to show the run")
+        pids = child_pids(seen.decode(errors="replace"))
+        os.close(master)  # the window closes
+        master = -1
+        assert popen.wait(timeout=30) == 0
+        assert len(pids) >= 4
+        assert_no_orphans(popen.pid, pids)
+    finally:
+        if master >= 0:
+            os.close(master)
+        if popen.poll() is None:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(timeout=10)
