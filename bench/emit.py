@@ -82,14 +82,20 @@ def _emit_fn(emitter: Any) -> Callable[[], Any]:
     return lambda: emit(**fields)
 
 
-def _bare_fn(endpoint: str) -> tuple[Callable[[], None], zmq.Socket]:
-    """dict + msgpack + send on a PUB socket: the floor any telemetry client pays."""
+def _pub_socket(endpoint: str) -> zmq.Socket:
+    """A plain PUB with the emitter's queue bound, connected: what the baselines send on."""
     from bus import transport
 
     sock = transport.context().socket(zmq.PUB)
     sock.sndhwm = transport.PUBLISHER_SNDHWM
     sock.linger = 0
     sock.connect(endpoint)
+    return sock
+
+
+def _bare_fn(endpoint: str) -> tuple[Callable[[], None], zmq.Socket]:
+    """dict + msgpack + send on a PUB socket: the floor any telemetry client pays."""
+    sock = _pub_socket(endpoint)
     topic = b"ppo_update/bare/0"
     session = uuid.uuid4().hex[:16]
     fields = dict(PPO_FIELDS)
@@ -114,12 +120,7 @@ def _bare_fn(endpoint: str) -> tuple[Callable[[], None], zmq.Socket]:
 
 def _floor_fn(endpoint: str) -> tuple[Callable[[], None], zmq.Socket]:
     """Two compiled sends of fixed frames: the send cost under every other subject."""
-    from bus import transport
-
-    sock = transport.context().socket(zmq.PUB)
-    sock.sndhwm = transport.PUBLISHER_SNDHWM
-    sock.linger = 0
-    sock.connect(endpoint)
+    sock = _pub_socket(endpoint)
     topic = b"ppo_update/floor/0"
     payload = msgpack.packb({"v": 1, "type": "ppo_update", "run": "floor", "worker": 0,
                              "session": uuid.uuid4().hex[:16], "seq": 0, "ts": time.time(),

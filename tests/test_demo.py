@@ -52,30 +52,18 @@ def test_demo_runs_for_its_duration_and_leaves_no_process(procs, tmp_path):
     assert (tmp_path / "daemon.log").exists() and (tmp_path / "monitor.log").exists()
 
 
-def test_demo_stops_everything_on_ctrl_c(procs, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_demo_stops_everything_on_ctrl_c_or_hangup(procs, tmp_path, signum):
+    """SIGINT to the group is what a terminal's Ctrl-C does; SIGHUP to the group what
+    closing a terminal does to its foreground job. Either way the demo and each child stop,
+    rather than the children living on."""
     demo = procs.start(trainbus_cmd("demo", *EPHEMERAL_BUS, "--workers", "1", "--source", "publish",
                                     "--log-dir", str(tmp_path)))
     demo.stderr.wait_for_line(r"started monitor \(pid \d+\)", 20)
     monitor_log = tmp_path / "monitor.log"
     wait_for(lambda: monitor_log.exists() and "connected to" in monitor_log.read_text(), 20,
              message="the monitor to connect")
-    os.killpg(demo.popen.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-    assert demo.wait(30) == 0, demo.stderr.text()
-    pids = child_pids(demo.stderr.text())
-    assert len(pids) >= 4
-    assert_no_orphans(demo.popen.pid, pids)
-
-
-def test_demo_stops_everything_when_its_terminal_closes(procs, tmp_path):
-    """Closing the terminal (or `tmux kill-session`) sends SIGHUP to its process group: the
-    demo and each child stop as on Ctrl-C, rather than the children living on."""
-    demo = procs.start(trainbus_cmd("demo", *EPHEMERAL_BUS, "--workers", "1", "--source", "publish",
-                                    "--log-dir", str(tmp_path)))
-    demo.stderr.wait_for_line(r"started monitor \(pid \d+\)", 20)
-    monitor_log = tmp_path / "monitor.log"
-    wait_for(lambda: monitor_log.exists() and "connected to" in monitor_log.read_text(), 20,
-             message="the monitor to connect")
-    os.killpg(demo.popen.pid, signal.SIGHUP)
+    os.killpg(demo.popen.pid, signum)
     assert demo.wait(30) == 0, demo.stderr.text()
     pids = child_pids(demo.stderr.text())
     assert len(pids) >= 4
