@@ -60,6 +60,12 @@ from bus import endpoints, lifecycle, protocol, transport
 log = logging.getLogger("trainbus.daemon")
 
 CACHE_DEPTH = 10
+#: nice of the daemon's main thread (cache, snapshots, bus_stats), the proxy threads
+#: and ZeroMQ's I/O thread keeping the daemon's own: when the CPUs are short, forwarding
+#: and the consumers on the same machine go first and the cache, a side path with seconds
+#: of queue, catches up after. Flat out on 2 cores, subscribers lost events by HWM in 4 of
+#: 12 daemon runs without it, 1 of 15 with it; throughput moved within the noise.
+CACHE_THREAD_NICE = 5
 DEFAULT_MAX_STREAMS = 10_000
 DEFAULT_IDLE_EVICT_S = 3600.0
 XSUB_RCVHWM = 100_000
@@ -424,6 +430,7 @@ class Daemon:
                                                      name="trainbus-upstream", daemon=True)
             self._upstream_thread.start()
             poller.register(self.upstream.monitor, zmq.POLLIN)
+        _lower_priority_of_this_thread(CACHE_THREAD_NICE)
         next_stats = time.monotonic()  # the first bus_stats at once: the bus is up
         last_forwarded = 0
         last_stats_time = time.monotonic()
@@ -626,6 +633,14 @@ class Daemon:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+
+
+def _lower_priority_of_this_thread(nice: int) -> None:
+    """Lower this thread's scheduling priority alone (Linux nice is per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # not Linux, or not permitted
+        log.debug("could not lower the cache thread's priority: %s", exc)
 
 
 def proxy_frames(control: zmq.Socket) -> int | None:
