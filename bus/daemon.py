@@ -60,11 +60,11 @@ from bus import endpoints, lifecycle, protocol, transport
 log = logging.getLogger("trainbus.daemon")
 
 CACHE_DEPTH = 10
-#: nice of the daemon's main thread (cache, snapshots, bus_stats), the proxy threads
-#: and ZeroMQ's I/O thread keeping the daemon's own: when the CPUs are short, forwarding
-#: and the consumers on the same machine go first and the cache, a side path with seconds
-#: of queue, catches up after. Flat out on 2 cores, subscribers lost events by HWM in 4 of
-#: 12 daemon runs without it, 1 of 15 with it; throughput moved within the noise.
+#: nice of the daemon's main thread (cache, snapshots, bus_stats); the proxy threads and
+#: ZeroMQ's I/O thread keep the process's own priority. When CPUs are short, forwarding
+#: and the consumers on the same machine go first, and the cache (a side path with
+#: seconds of queue) catches up after. Flat out on 2 cores, subscribers lost events by HWM
+#: in 4 of 12 daemon runs without it, 1 of 15 with it; throughput moved within the noise.
 CACHE_THREAD_NICE = 5
 DEFAULT_MAX_STREAMS = 10_000
 DEFAULT_IDLE_EVICT_S = 3600.0
@@ -640,7 +640,7 @@ def _lower_priority_of_this_thread(nice: int) -> None:
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError) as exc:  # not Linux, or not permitted
-        log.debug("could not lower the cache thread's priority: %s", exc)
+        log.debug("could not lower this thread's priority: %s", exc)
 
 
 def proxy_frames(control: zmq.Socket) -> int | None:
