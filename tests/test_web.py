@@ -14,6 +14,7 @@ tests (headers, 403/405, the slow-client drop) run anyway.
 from __future__ import annotations
 
 import http.client
+import json
 import math
 import os
 import shutil
@@ -29,7 +30,7 @@ import pytest
 from bus.publisher import EventPublisher
 from consumers import web
 from consumers.monitor_state import MonitorState
-from tests.conftest import REPO, DaemonHandle, ProcessGroup, ppo_fields, trainbus_cmd
+from tests.conftest import REPO, DaemonHandle, ProcessGroup, ppo_fields, trainbus_cmd, wait_for
 
 CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/lib/chromium/chromium")
                  if os.path.exists(p)), None)
@@ -327,6 +328,22 @@ def test_screenshot_for_the_readme(procs, daemon, publisher, pages):
     """A realistic page (two runs, a NaN, a warning, a firing alert, the chart open):
     kept as an artefact, and copied to docs/web.png with TRAINBUS_UPDATE_SCREENSHOT=1."""
     w = start_web(procs, daemon)
+
+    def lunar(update: int) -> None:
+        send_update(publisher, "lunar-91c0", 0, update, 0.4 + 0.01 * update,
+                    episode_return_mean=-100 + 4 * update, explained_variance=0.6)
+
+    def lunar_points() -> int:
+        response = http_get(w.host, w.port, "/api/history?run=lunar-91c0&worker=0")
+        return len(json.loads(response.body)["points"]) if response.status == 200 else 0
+
+    # The chart must count all 30 updates, and a late joiner's snapshot holds only the last
+    # 10 per stream: so wait until the page's server is live on the bus first. Update 1
+    # seen (live or from its snapshot) means its snapshot is in; update 2, sent after
+    # that, can only arrive live, so its subscription is in place at the daemon.
+    for update in (1, 2):
+        lunar(update)
+        wait_for(lambda n=update: lunar_points() >= n, 10, message=f"web sees lunar update {update}")
     for update in range(1, 31):
         for worker in range(4):
             grad = 0.3 + 0.05 * math.sin(update / 3 + worker)
@@ -336,8 +353,8 @@ def test_screenshot_for_the_readme(procs, daemon, publisher, pages):
             send_update(publisher, "cartpole-3f2a", worker, update, grad, pre_clip_grad_norm=pre,
                         max_grad_norm=0.5, episode_return_mean=20 + 6 * update,
                         explained_variance=0.8, approx_kl=0.004 + 0.0004 * worker)
-        send_update(publisher, "lunar-91c0", 0, update, 0.4 + 0.01 * update,
-                    episode_return_mean=-100 + 4 * update, explained_variance=0.6)
+        if update > 2:
+            lunar(update)
     send_alert(publisher, "cartpole-3f2a", 3, "firing", "non-finite gradient")
     page = pages(w.url)
     p = page.page
@@ -360,7 +377,7 @@ def http_get(host: str, port: int, path: str, method: str = "GET",
     conn = http.client.HTTPConnection(host, port, timeout=10)
     conn.request(method, path, headers=headers or {})
     response = conn.getresponse()
-    response.read()
+    response.body = response.read()  # type: ignore[attr-defined]
     conn.close()
     return response
 
