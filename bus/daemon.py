@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict, deque
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ import zmq
 import zmq.auth
 
 from bus import endpoints, lifecycle, protocol, transport
+from bus.cache import make_cache
 
 log = logging.getLogger("trainbus.daemon")
 
@@ -98,63 +99,6 @@ UPSTREAM_HEARTBEAT_TIMEOUT_MS = 6000
 #: bus_stats describe that daemon to the consumers connected to it; forwarded, every
 #: node's would share the hub's one ``bus_stats/daemon/all`` stream.
 UPSTREAM_TYPES = tuple(t for t in protocol.EVENT_TYPES if t != protocol.BUS_STATS)
-_NOBLOCK = int(zmq.NOBLOCK)
-_MAP_MARKERS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
-
-
-class LastValueCache:
-    """The last ``depth`` messages of every topic, in arrival order, bounded in streams."""
-
-    def __init__(self, depth: int = CACHE_DEPTH, max_streams: int = DEFAULT_MAX_STREAMS,
-                 idle_evict_s: float = DEFAULT_IDLE_EVICT_S) -> None:
-        self.depth = depth
-        self.max_streams = max_streams
-        self.idle_evict_s = idle_evict_s
-        self._streams: OrderedDict[bytes, tuple[deque[tuple[int, bytes]], list[float]]] = OrderedDict()
-        self._arrivals = 0
-        self.evicted = 0
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def __contains__(self, topic: bytes) -> bool:
-        return topic in self._streams
-
-    def store(self, topic: bytes, payload: bytes, now: float) -> None:
-        self._arrivals += 1
-        entry = self._streams.get(topic)
-        if entry is None:
-            entry = self._streams[topic] = (deque(maxlen=self.depth), [now])
-            if len(self._streams) > self.max_streams:
-                self._streams.popitem(last=False)
-                self.evicted += 1
-        else:
-            self._streams.move_to_end(topic)
-            entry[1][0] = now
-        entry[0].append((self._arrivals, payload))
-
-    def evict_idle(self, now: float) -> int:
-        """Drop streams silent for longer than ``idle_evict_s`` (oldest first)."""
-        dropped = 0
-        while self._streams:
-            topic, (_, last) = next(iter(self._streams.items()))
-            if now - last[0] <= self.idle_evict_s:
-                break
-            del self._streams[topic]
-            dropped += 1
-        self.evicted += dropped
-        return dropped
-
-    def snapshot(self, prefixes: list[bytes]) -> list[tuple[bytes, bytes]]:
-        """Cached (topic, payload) pairs whose topic starts with any prefix, oldest first."""
-        wanted = [p for p in prefixes if p]
-        items: list[tuple[int, bytes, bytes]] = []
-        for topic, (entries, _) in self._streams.items():
-            if wanted and not any(topic.startswith(p) for p in wanted):
-                continue
-            items.extend((arrival, topic, payload) for arrival, payload in entries)
-        items.sort(key=lambda item: item[0])
-        return [(topic, payload) for _, topic, payload in items]
 
 
 class AuthorizedKeys:
@@ -252,7 +196,7 @@ class Daemon:
                             "read and inject telemetry", endpoint)
         self.max_msg_size = max_msg_size
         self.stats_interval = stats_interval
-        self.cache = LastValueCache(max_streams=max_streams, idle_evict_s=idle_evict_s)
+        self.cache = make_cache(CACHE_DEPTH, max_streams, idle_evict_s)
         #: Messages the cache path saw go through (valid or not, bus_stats included).
         self.forwarded = 0
         #: What the cache path refused to cache, by reason (forwarded all the same).
@@ -468,72 +412,20 @@ class Daemon:
         """Store what the proxy forwarded since the last call: at most ``limit`` messages
         (so snapshot requests never wait long), or everything queued with None.
 
-        Structural checks only, as before: frame count, total size, a map marker, topic
-        syntax (once per new topic). What fails is counted by reason and never cached; the
-        proxy forwarded it anyway, and every consumer rejects and counts it itself.
-
-        This loop is the daemon's whole per-event Python cost, so it is written flat: frames
-        come as zmq.Frame (copy=False) because ``Frame.more`` costs far less than
-        getsockopt(RCVMORE) from Python (~0.1 vs ~1.1 µs), and the cache is updated inline
-        (:meth:`LastValueCache.store` does the same, one call per new topic)."""
-        recv, cache, max_size, markers = self.feed.recv, self.cache, self.max_msg_size, _MAP_MARKERS
-        streams = cache._streams
-        lookup, to_end = streams.get, streams.move_to_end
-        now = time.monotonic()
-        seen = frames = 0
-        arrivals = cache._arrivals
+        The checks and the cache are :mod:`bus.cache`'s (in C unless it was not built):
+        what fails is counted by reason and never cached; the proxy forwarded it anyway,
+        and every consumer rejects and counts it itself."""
+        before = dict(self.rejected)
         try:
-            while limit is None or seen < limit:
-                try:
-                    first = recv(_NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                seen += 1
-                frames += 1
-                if not first.more:
-                    self._reject("bad_frame_count")
-                    continue
-                second = recv(_NOBLOCK, copy=False)
-                frames += 1
-                if second.more:
-                    while second.more:  # the rest of the message (frames arrive together)
-                        second = recv(_NOBLOCK, copy=False)
-                        frames += 1
-                    self._reject("bad_frame_count")
-                    continue
-                topic = first.bytes
-                payload = second.bytes
-                if len(topic) + len(payload) > max_size:
-                    self._reject("too_large")
-                    continue
-                if not payload or payload[0] not in markers:
-                    self._reject("not_a_map")
-                    continue
-                entry = lookup(topic)
-                if entry is None:
-                    try:
-                        protocol.parse_topic(topic)
-                    except protocol.ProtocolError:
-                        self._reject("bad_topic")
-                        continue
-                    cache._arrivals = arrivals
-                    cache.store(topic, payload, now)
-                    arrivals = cache._arrivals
-                    continue
-                to_end(topic)
-                entry[1][0] = now
-                arrivals += 1
-                entry[0].append((arrivals, payload))
+            seen, frames = self.cache.feed(self.feed, limit, time.monotonic(),
+                                           self.max_msg_size, self.rejected)
         finally:
-            cache._arrivals = arrivals
-            self.forwarded += seen
-            self.frames_seen += frames
-
-    def _reject(self, reason: str) -> None:
-        self.rejected[reason] += 1
-        count = self.rejected[reason]
-        if count == 1 or count % 10_000 == 0:
-            log.warning("not cached (%s), %d so far with this reason", reason, count)
+            for reason, count in self.rejected.items():
+                done = before.get(reason, 0)
+                if count != done and (done == 0 or count // 10_000 > done // 10_000):
+                    log.warning("not cached (%s), %d so far with this reason", reason, count)
+        self.forwarded += seen
+        self.frames_seen += frames
 
     def _proxy_frames(self) -> int | None:
         """Frames libzmq's proxy moved from the publish to the subscribe side so far (its
@@ -633,6 +525,8 @@ class Daemon:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
+        if not proxy_running:
+            self.cache.close()
 
 
 def _lower_priority_of_this_thread(nice: int) -> None:
@@ -859,8 +753,9 @@ def run(args: argparse.Namespace) -> int:
     for signum in lifecycle.STOP_SIGNALS:  # Ctrl-C, a supervisor, a closed terminal
         signal.signal(signum, daemon.stop)
     eps = daemon.endpoints
-    log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s", os.getpid(),
-             eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "")
+    log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s; %s cache", os.getpid(),
+             eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "",
+             daemon.cache.name)
     # One machine-readable line on stdout, so scripts and tests can use ephemeral ports.
     print(f"trainbus daemon ready publish={eps['publish']} subscribe={eps['subscribe']} "
           f"snapshot={eps['snapshot']}" + (f" upstream={args.upstream}" if args.upstream else ""),

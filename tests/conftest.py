@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,19 @@ def snapshot_reply(snapshot: str, prefix: bytes = b"", timeout_ms: int = 10_000)
         sock.close(linger=0)
     assert reply[0] == b"SNAPSHOT", reply[:2]
     return reply
+
+
+def compiled_or_skip() -> None:
+    """Skip (visibly) where the daemon's compiled cache could not be built for want of a C
+    compiler; fail where a compiler is present but it is unavailable anyway."""
+    from bus import cache
+
+    try:
+        cache.compiled_library()
+    except OSError as exc:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail(f"a C compiler is here but the compiled cache is unavailable: {exc}")
+        pytest.skip(f"no C compiler, so no compiled cache: {exc}")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.02,
@@ -182,10 +196,11 @@ class DaemonHandle:
 
 
 def start_daemon(procs: ProcessGroup, *extra: str, publish: str = EPHEMERAL,
-                 subscribe: str = EPHEMERAL, snapshot: str = EPHEMERAL) -> DaemonHandle:
+                 subscribe: str = EPHEMERAL, snapshot: str = EPHEMERAL,
+                 env: dict[str, str] | None = None) -> DaemonHandle:
     """Start `trainbus daemon` and wait for its ready line (which names the real ports)."""
     proc = procs.start(trainbus_cmd("daemon", "--publish", publish, "--subscribe", subscribe,
-                                    "--snapshot", snapshot, *extra))
+                                    "--snapshot", snapshot, *extra), env=env)
     match = proc.stdout.wait_for_line(r"ready publish=(\S+) subscribe=(\S+) snapshot=(\S+)", 15)
     return DaemonHandle(proc, match.group(1), match.group(2), match.group(3))
 

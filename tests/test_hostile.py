@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import msgpack
+import pytest
 import zmq
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -39,6 +40,7 @@ from bus.publisher import EventPublisher
 from consumers.runtime import Subscriber
 from tests.conftest import (
     ProcessGroup,
+    compiled_or_skip,
     ppo_payload,
     snapshot_reply,
     start_daemon,
@@ -328,11 +330,19 @@ def finish(tail, sub: Subscriber, expected: Expected, sent_valid: int, events: l
 # --------------------------------------------------------------------------- tests
 
 
-def test_ten_thousand_hostile_frames_through_daemon_and_consumers(procs: ProcessGroup) -> None:
+@pytest.mark.parametrize("cache", ["compiled", "python"])
+def test_ten_thousand_hostile_frames_through_daemon_and_consumers(procs: ProcessGroup,
+                                                                  cache: str) -> None:
     """≥ 10k hostile frames (fixed corpus x 100 + 5000 seeded random) with a valid event
     after every 10: the daemon, a tail process and a Subscriber stay up, each counts every
-    bad message under the right reason, and every valid event arrives, in order, intact."""
-    daemon = start_daemon(procs, "--stats-interval", "0.3")
+    bad message under the right reason, and every valid event arrives, in order, intact.
+    With either last-value cache (bus/cache.py): the compiled one the daemon runs, and the
+    Python one it falls back to where the C library was not built."""
+    if cache == "compiled":
+        compiled_or_skip()
+    daemon = start_daemon(procs, "--stats-interval", "0.3",
+                          env={"TRAINBUS_DAEMON_CACHE": cache})
+    daemon.proc.stderr.wait_for_line(rf"; {cache} cache$", 10)
     tail, sub = start_consumers(procs, daemon)
     expected = Expected()
     rng = random.Random(5)
