@@ -23,7 +23,7 @@ a noisy neighbour slows them alike and no subject always follows the same other 
 Per-call times are the median over rounds of the batch mean. Each batch reads the clock
 once per call (the same overhead for every subject), so every call is also timed alone and
 the worst single call proves "never blocks". The emit row (and the floor row) is judged on
-the median of the per-round emit/bare ratios, paired within a round (see ``_paired_row``
+the median of the per-round emit/bare ratios, paired within a round (see ``bench.common.paired_ratio_row``
 for why); its note gives their interquartile range, the median per half of the run and
 the plain ratio of the two medians, so drift shows. Loss in the stalled cases is counted
 afterwards by a subscriber from ``seq`` gaps, as any consumer would see it.
@@ -48,7 +48,7 @@ from bench.common import (
     agents,
     free_tcp_endpoint,
     median,
-    percentile,
+    paired_ratio_row,
     ratio_row,
     running_daemon,
     start_agent,
@@ -250,13 +250,13 @@ def run(quick: bool = False) -> list[Row]:
     common = (f"{rounds} rounds x {batch} calls, subjects in a seeded shuffled order each "
               f"round; 11 fields; daemon + draining subscriber running")
     rows = [
-        _paired_row("emit ppo_update (daemon up)", per_call["emit"], "bare dict+msgpack+PUB send",
-                    per_call["bare"], max_ratio=1.3,
-                    note=f"{common}; worst single call {worst['emit']:.2f} ms"),
-        _paired_row("emit vs send floor (2 compiled sends)", per_call["emit"],
-                    "2 backend sends of ready frames", per_call["floor"], max_ratio=None,
-                    note=f"what the emitter adds to the sends themselves; the bare baseline "
-                         f"is {us['bare'] / us['floor']:.2f}x this floor"),
+        paired_ratio_row("emit ppo_update (daemon up)", per_call["emit"], "us/call",
+                         "bare dict+msgpack+PUB send", per_call["bare"], max_ratio=1.3,
+                         note=f"{common}; worst single call {worst['emit']:.2f} ms"),
+        paired_ratio_row("emit vs send floor (2 compiled sends)", per_call["emit"], "us/call",
+                         "2 backend sends of ready frames", per_call["floor"],
+                         note=f"what the emitter adds to the sends themselves; the bare "
+                              f"baseline is {us['bare'] / us['floor']:.2f}x this floor"),
     ]
     if tb_missing:
         rows.append(unavailable("emit vs TensorBoard add_scalar", "us/call",
@@ -283,31 +283,6 @@ def run(quick: bool = False) -> list[Row]:
         row.passed = bool(row.passed) and worst[key] < MAX_CALL_MS
         rows.append(row)
     return rows
-
-
-def _paired_row(name: str, subject: list[float], baseline_name: str, baseline: list[float],
-                *, max_ratio: float | None, note: str) -> Row:
-    """A row judged on the median of per-round ratios: each round's subject and baseline
-    batches ran moments apart, under the same load. Two separate medians are not robust
-    here: when the box switches between a fast and a slow state during the run, each
-    subject's batch times are bimodal, and a median near the split lands in either mode
-    (seen: a ratio of medians of 1.27x, first half 1.47x, where the paired median was
-    1.01x). Value and baseline are still each one's median, and the note gives their
-    quotient, the IQR of the per-round ratios and the ratio per half, so drift shows."""
-    per_round = [s / b for s, b in zip(subject, baseline, strict=True)]
-    ratio = median(per_round)
-    half = len(per_round) // 2
-    value, base = median(subject), median(baseline)
-    stability = (f"ratio = median of the per-round ratios (IQR {percentile(per_round, 25):.2f}-"
-                 f"{percentile(per_round, 75):.2f}x; first half {median(per_round[:half]):.2f}x, "
-                 f"second half {median(per_round[half:]):.2f}x); ratio of the two medians "
-                 f"{value / base:.2f}x")
-    if max_ratio is None:
-        return Row(name, value, "us/call", baseline_name, base, ratio, "", None,
-                   f"INFO: {stability}; {note}")
-    return Row(name, value, "us/call", baseline_name, base, ratio,
-               f"<= {max_ratio:g}x (paired per round)", ratio <= max_ratio,
-               f"{stability}; {note}")
 
 
 def _loss_note(seen: dict[str, Any], sent: int, who: str) -> str:

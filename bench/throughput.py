@@ -5,7 +5,10 @@
   consumer does) run wired directly (the subscriber binds, publishers connect), through
   a bare ``zmq.proxy`` process (:mod:`bench.bare_proxy`) and through a running daemon.
   Throughput is what the subscriber received per second between its first and last
-  event. The order of the three rotates each round and medians are compared. Each
+  event. The order of the three rotates each round, and the rows are judged on the
+  median of the per-round ratios (:func:`bench.common.paired_ratio_row`): one run takes
+  about a second, and this machine's speed drifts over seconds (single runs of one mode
+  spread 1.7x). Each
   publisher sends fewer events than the queues on its path hold, so nothing is dropped
   and the rate is the sustained forwarding rate, not a drop rate.
 
@@ -32,7 +35,7 @@ from bench.common import (
     Row,
     agents,
     median,
-    ratio_row,
+    paired_ratio_row,
     running_bare_proxy,
     running_daemon,
     start_agent,
@@ -104,7 +107,7 @@ def run_once(daemon: DaemonProc | None, pubs: int, subs: int, per_pub: int, tag:
 
 
 def run(quick: bool = False) -> list[Row]:
-    reps = 1 if quick else 3
+    reps = 1 if quick else 7
     pubs = 2
     per_pub = 5_000 if quick else 20_000
     # Below the high-water marks: what one subscriber gets in total fits the daemon's
@@ -125,22 +128,24 @@ def run(quick: bool = False) -> list[Row]:
                 losses[mode].append(result["lost"][0])
         fan = run_once(daemon, 16, 4, fan_per_pub, "fanout")
 
-    direct, bare, via = median(rates["direct"]), median(rates["bare"]), median(rates["daemon"])
     per_run = (f"{pubs} publisher processes (TelemetryEmitter, flat out) -> 1 subscriber "
-               f"process (decode); {per_pub} ev each; median of {reps} runs in rotating order "
+               f"process (decode); {per_pub} ev each; {reps} rounds, the order rotating "
                f"(daemon {', '.join(f'{r:.0f}' for r in rates['daemon'])}; bare proxy "
                f"{', '.join(f'{r:.0f}' for r in rates['bare'])}; direct "
                f"{', '.join(f'{r:.0f}' for r in rates['direct'])}); lost: daemon "
                f"{losses['daemon']}, bare {losses['bare']}, direct {losses['direct']}")
     rows = [
-        ratio_row("daemon throughput", via, "ev/s", "direct PUB->SUB", direct, min_ratio=0.95,
-                  note=f"{per_run}; a bare zmq.proxy process reached {bare / direct:.2f}x "
-                       "direct in the same runs"),
-        ratio_row("daemon throughput vs a bare zmq.proxy process", via, "ev/s",
-                  "bare zmq.proxy process", bare, min_ratio=0.95,
-                  note="the same runs: what the daemon adds to libzmq's own forwarding (its "
-                       "cache feed and Python cache thread), with the forwarding hop itself "
-                       "in both"),
+        paired_ratio_row(
+            "daemon throughput", rates["daemon"], "ev/s", "direct PUB->SUB", rates["direct"],
+            min_ratio=0.95,
+            note=f"{per_run}; a bare zmq.proxy process reached "
+                 f"{median([b / d for b, d in zip(rates['bare'], rates['direct'], strict=True)]):.2f}x "
+                 "direct in the same rounds (paired)"),
+        paired_ratio_row(
+            "daemon throughput vs a bare zmq.proxy process", rates["daemon"], "ev/s",
+            "bare zmq.proxy process", rates["bare"], min_ratio=0.95,
+            note="the same rounds: what the daemon adds to libzmq's own forwarding (its "
+                 "cache feed and its cache), with the forwarding hop itself in both"),
     ]
     total_lost = sum(fan["lost"])
     rows.append(Row(
