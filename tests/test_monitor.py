@@ -768,6 +768,13 @@ def _shedding_subscriber(daemon, run: str):
     return sub, state
 
 
+def _send_rounds(pub, run: str, n: int, workers: int) -> None:
+    """``n`` updates per worker, round-robin over ``workers`` (one session each)."""
+    for seq in range(n):
+        for w in range(workers):
+            assert pub.send_frames(protocol.encode(ppo_payload(run, w, f"s{w}", seq, update=seq)))
+
+
 def _read_all(sub, state: MonitorState, total: int) -> None:
     """Poll (no frame: nothing released) until all ``total`` messages sent were read:
     accounted for, taken the full way, or held."""
@@ -788,10 +795,7 @@ def test_shedding_holds_each_streams_newest_update_until_the_frame_in_order(proc
     with sub, EventPublisher(daemon.publish) as pub:
         assert pub.wait_for_bus(10)
         sub.shedding = True
-        for seq in range(n):
-            for w in range(workers):
-                assert pub.send_frames(protocol.encode(ppo_payload("hold", w, f"s{w}", seq,
-                                                                   update=seq)))
+        _send_rounds(pub, "hold", n, workers)
         closing = other("heartbeat", run="hold", worker=0, session="s0", interval_s=2.0,
                         closing=True)
         assert pub.send_frames(list(closing.frames))
@@ -820,9 +824,7 @@ def test_shedding_holds_at_most_max_held_streams(procs, daemon, monkeypatch):
     with sub, EventPublisher(daemon.publish) as pub:
         assert pub.wait_for_bus(10)
         sub.shedding = True
-        for seq in range(n):
-            for w in range(workers):
-                assert pub.send_frames(protocol.encode(ppo_payload("cap", w, f"s{w}", seq)))
+        _send_rounds(pub, "cap", n, workers)
         _read_all(sub, state, n * workers)
         assert sub.held == 2
         state.ingest_many(sub.release(), time.monotonic())
