@@ -198,7 +198,7 @@ def _check_topic(data: int, size: int) -> int:
 class _Library:
     """The compiled cache (bus/_cache.c) bound to the libzmq this process has loaded."""
 
-    def __init__(self, path: str, libzmq: str) -> None:
+    def __init__(self, path: str, zmq_lib: ctypes.CDLL) -> None:
         lib = ctypes.CDLL(path)
         u64, i64, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
         lib.tb_bind_libzmq.argtypes = [ptr] * 6
@@ -220,7 +220,6 @@ class _Library:
         lib.tb_cache_snapshot_begin.restype = i64
         lib.tb_cache_snapshot_copy.argtypes = [ptr, ctypes.c_char_p, ctypes.POINTER(u64)]
         lib.tb_cache_snapshot_copy.restype = None
-        zmq_lib = ctypes.CDLL(libzmq)  # already loaded by pyzmq: the same copy, no reload
         names = ("zmq_msg_init", "zmq_msg_close", "zmq_msg_recv", "zmq_msg_data",
                  "zmq_msg_size", "zmq_msg_more")
         lib.tb_bind_libzmq(*(ctypes.cast(getattr(zmq_lib, n), ptr) for n in names))
@@ -231,8 +230,9 @@ _library: _Library | None = None
 _library_error: str | None = None
 
 
-def _loaded_libzmq() -> str:
-    """The file of the libzmq pyzmq's sockets live in, from this process's memory map.
+def _loaded_libzmq() -> ctypes.CDLL:
+    """The libzmq pyzmq's sockets live in, found in this process's memory map (already
+    loaded by pyzmq: the same copy, no reload).
 
     The compiled cache calls libzmq on pyzmq's socket handles, so it must be that very
     copy: exactly one libzmq mapped, with pyzmq's version."""
@@ -253,7 +253,7 @@ def _loaded_libzmq() -> str:
     if (major.value, minor.value, patch.value) != zmq.zmq_version_info():
         raise OSError(f"{path} is libzmq {major.value}.{minor.value}.{patch.value}, pyzmq uses "
                       f"{zmq.zmq_version()}")
-    return path
+    return lib
 
 
 def compiled_library() -> _Library:
@@ -289,8 +289,6 @@ class CompiledCache:
         if depth < 1 or max_streams < 1:
             raise ValueError("depth and max_streams must be at least 1")
         self._lib = compiled_library().lib
-        self.depth = depth
-        self.max_streams = max_streams
         self.idle_evict_s = idle_evict_s
         self._handle = self._lib.tb_cache_new(depth, max_streams)
         if not self._handle:
