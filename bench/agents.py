@@ -13,6 +13,7 @@ all processes of a Linux machine, so the difference is a true one-way latency.
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from multiprocessing.connection import Connection
@@ -28,6 +29,14 @@ PPO_FIELDS: dict[str, Any] = {
 PROBE_RUN = "benchprobe"
 
 
+def pin_self(spec: dict[str, Any]) -> None:
+    """Pin this process to ``spec['cores']`` (see :class:`bench.common.CoreSplit`), first
+    thing, so libzmq's threads, started later, inherit it."""
+    cores = spec.get("cores")
+    if cores:
+        os.sched_setaffinity(0, cores)
+
+
 def publisher_main(conn: Connection, spec: dict[str, Any]) -> None:
     """Emit ``spec['n']`` ppo_updates through a TelemetryEmitter.
 
@@ -35,6 +44,7 @@ def publisher_main(conn: Connection, spec: dict[str, Any]) -> None:
     ``rate`` 0 means as fast as possible; otherwise paced at ``rate`` events/s.
     """
     try:
+        pin_self(spec)
         from emitter.telemetry import TelemetryEmitter
 
         emitter = TelemetryEmitter(spec["run"], spec["worker"], spec["endpoint"],
@@ -85,6 +95,7 @@ def subscriber_main(conn: Connection, spec: dict[str, Any]) -> None:
     one-way latencies from ``bench_t0_ns``.
     """
     try:
+        pin_self(spec)
         import zmq
 
         from bus import protocol, transport

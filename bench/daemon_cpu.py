@@ -9,7 +9,9 @@ is read from ``/proc/<pid>/task/*/schedstat`` (nanoseconds on CPU, summed over t
 right before the publishers start and after the subscriber has everything; the order
 rotates each round and rows are judged on the median of the per-round ratios
 (:func:`bench.common.paired_ratio_row`), since a forwarder's CPU per event moves with the
-machine's state (the bare proxy alone spread 2.2-9.6 µs per event within one group).
+machine's state. Every forwarder runs pinned to a core of its own and the load to the
+other(s) (:class:`bench.common.CoreSplit`): left to the scheduler, the bare proxy alone
+spread 1.9-9.6 µs per event within one group, by where its threads landed.
 
 Two loads. Flat out (the publishers as fast as they can) is the stress case: every
 thread of every process competes for the two cores, libzmq batches, and the daemon's
@@ -34,8 +36,10 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.common import (
+    CoreSplit,
     DaemonProc,
     Row,
+    core_split,
     median,
     paired_ratio_row,
     running_bare_proxy,
@@ -55,12 +59,13 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def _measure(forwarder: DaemonProc, pubs: int, per_pub: int, tag: str,
+def _measure(forwarder: DaemonProc, pubs: int, per_pub: int, tag: str, split: CoreSplit | None,
              rate: float = 0.0) -> tuple[float, float]:
     """(µs of forwarder CPU per event delivered, delivered ev/s) for one run; ``rate`` per
     publisher, 0 = flat out."""
     marks: dict[str, int] = {}
     result = run_once(forwarder, pubs, 1, per_pub, tag, rate=rate,
+                      load_cores=split.load if split else None,
                       on_go=lambda: marks.setdefault("start", cpu_ns(forwarder.popen.pid)),
                       on_done=lambda: marks.setdefault("end", cpu_ns(forwarder.popen.pid)))
     received = result["received"][0]
@@ -80,22 +85,25 @@ def run(quick: bool = False) -> list[Row]:
     cpu: dict[str, list[float]] = {"bare": [], "daemon": [], "node": [],
                                    "bare paced": [], "daemon paced": []}
     rates: dict[str, list[float]] = {mode: [] for mode in cpu}
+    split = core_split()
+    cores = split.forwarder if split else None
     with ExitStack() as stack:
-        proxy = stack.enter_context(running_bare_proxy())
-        daemon = stack.enter_context(running_daemon())
-        hub = stack.enter_context(running_daemon())
-        node = stack.enter_context(running_daemon("--upstream", hub.publish))
+        proxy = stack.enter_context(running_bare_proxy(cores=cores))
+        daemon = stack.enter_context(running_daemon(cores=cores))
+        # The hub is not measured: it stays off the forwarder's core.
+        hub = stack.enter_context(running_daemon(cores=split.load if split else None))
+        node = stack.enter_context(running_daemon("--upstream", hub.publish, cores=cores))
         targets = {"bare": proxy, "daemon": daemon, "node": node}
         modes = list(targets)
         for rep in range(reps):
             for mode in modes[rep % 3:] + modes[:rep % 3]:  # rotate the order
-                us, rate = _measure(targets[mode], pubs, per_pub, f"cpu-{mode}-{rep}")
+                us, rate = _measure(targets[mode], pubs, per_pub, f"cpu-{mode}-{rep}", split)
                 cpu[mode].append(us)
                 rates[mode].append(rate)
         for rep in range(1 if quick else 3):
             for mode in ("bare", "daemon")[rep % 2:] + ("bare", "daemon")[:rep % 2]:
                 us, rate = _measure(targets[mode], pubs, paced_per_pub, f"cpu-paced-{mode}-{rep}",
-                                    rate=paced_rate)
+                                    split, rate=paced_rate)
                 cpu[f"{mode} paced"].append(us)
                 rates[f"{mode} paced"].append(rate)
     bare, via, node_cpu = cpu["bare"], cpu["daemon"], cpu["node"]

@@ -77,10 +77,11 @@ def _pipe_floor(n: int) -> list[float]:
     return lat[len(lat) // 20:]
 
 
-def _one_run(daemon: DaemonProc | None, n: int, tag: str) -> list[float]:
+def _one_run(daemon: DaemonProc | None, n: int, tag: str,
+             load_cores: frozenset[int] | None = None) -> list[float]:
     """One-way latencies in µs of ``n`` events at RATE ev/s."""
     with agents() as started:
-        spec = {"expected": n, "idle_s": 3.0, "latency": True,
+        spec = {"expected": n, "idle_s": 3.0, "latency": True, "cores": load_cores,
                 "prefixes": [f"ppo_update/{tag}/".encode()]}
         if daemon is None:
             spec["bind"] = True
@@ -93,7 +94,8 @@ def _one_run(daemon: DaemonProc | None, n: int, tag: str) -> list[float]:
             sync_subscribers(daemon.publish, [sub])
         pub = start_agent(publisher_main, {
             "endpoint": endpoint if daemon is None else daemon.publish, "run": tag,
-            "worker": 0, "n": n, "rate": RATE, "stamp": True})
+            "worker": 0, "n": n, "rate": RATE, "stamp": True,
+            "cores": load_cores})
         started.append(pub)
         if not pub.expect("ready", 60.0):
             raise TimeoutError("publisher never saw its subscriber")

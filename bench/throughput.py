@@ -12,10 +12,16 @@
   publisher sends fewer events than the queues on its path hold, so nothing is dropped
   and the rate is the sustained forwarding rate, not a drop rate.
 
-  Why the bare proxy: on a 2-core machine the publishers, the subscriber and any
-  forwarder process share two cores, so even libzmq's own proxy delivers less than a
-  direct link; the bare proxy's rate is the most any forwarding process can reach here,
-  and the daemon is judged against it as well as against the direct link.
+  Placement (:class:`bench.common.CoreSplit`): forwarders run pinned to a core of their
+  own, the publishers and the subscriber to the other(s), in every mode, direct
+  included. That is a daemon on a training machine with a core to spare, and it holds
+  the load's share of the machine the same in all three modes. Left to the scheduler on
+  2 cores, the rows measured where the scheduler put a third busy process (the bare
+  proxy read 0.72-1.27x direct across runs), which the CPU row prices directly. So this
+  row asks whether the hop slows what the subscriber gets; the CPU row, what it costs.
+
+  Why the bare proxy: it is libzmq's own forwarding, the most any forwarding process can
+  reach, and the daemon is judged against it as well as against the direct link.
 * **16 publishers → daemon → 4 subscribers**, all started in sync (every subscriber has
   seen a probe through the daemon, every publisher has seen the daemon subscribe), below
   the high-water marks (each subscriber's total fits the daemon's per-subscriber send
@@ -34,6 +40,7 @@ from bench.common import (
     DaemonProc,
     Row,
     agents,
+    core_split,
     median,
     paired_ratio_row,
     running_bare_proxy,
@@ -44,12 +51,13 @@ from bench.common import (
 
 
 def run_once(daemon: DaemonProc | None, pubs: int, subs: int, per_pub: int, tag: str, *,
-             rate: float = 0.0,
+             rate: float = 0.0, load_cores: frozenset[int] | None = None,
              on_go: Callable[[], object] | None = None,
              on_done: Callable[[], object] | None = None) -> dict[str, Any]:
     """Start ``subs`` subscribers and ``pubs`` publishers, release the publishers at once,
     and collect what each subscriber received. ``daemon`` None = direct PUB→SUB (or any
-    forwarder with ``publish``/``subscribe`` endpoints). ``on_go`` runs right before the
+    forwarder with ``publish``/``subscribe`` endpoints); ``load_cores`` pins the publishers
+    and subscribers. ``on_go`` runs right before the
     publishers are released, ``on_done`` once every subscriber has reported (the CPU row
     reads the forwarder's CPU time there)."""
     expected = pubs * per_pub
@@ -57,7 +65,7 @@ def run_once(daemon: DaemonProc | None, pubs: int, subs: int, per_pub: int, tag:
         sub_agents: list[Agent] = []
         for _ in range(subs):
             # Only this run's updates: the daemon's own bus_stats are not the subject.
-            spec: dict[str, Any] = {"expected": expected, "idle_s": 3.0,
+            spec: dict[str, Any] = {"expected": expected, "idle_s": 3.0, "cores": load_cores,
                                     "prefixes": [f"ppo_update/{tag}/".encode()]}
             if daemon is None:
                 spec["bind"] = True
@@ -73,7 +81,8 @@ def run_once(daemon: DaemonProc | None, pubs: int, subs: int, per_pub: int, tag:
         pub_agents = []
         for i in range(pubs):
             agent = start_agent(publisher_main, {"endpoint": target, "run": tag, "worker": i,
-                                                 "n": per_pub, "rate": rate})
+                                                 "n": per_pub, "rate": rate,
+                                                 "cores": load_cores})
             started.append(agent)
             pub_agents.append(agent)
         for agent in pub_agents:
@@ -117,13 +126,17 @@ def run(quick: bool = False) -> list[Row]:
     fan_per_pub = min(500 if quick else 5_000, int(XPUB_SNDHWM * 0.95) // 16)
     rates: dict[str, list[float]] = {"direct": [], "bare": [], "daemon": []}
     losses: dict[str, list[int]] = {"direct": [], "bare": [], "daemon": []}
-    with running_bare_proxy() as proxy, running_daemon() as daemon:
+    split = core_split()
+    cores = split.forwarder if split else None
+    load_cores = split.load if split else None
+    with running_bare_proxy(cores=cores) as proxy, running_daemon(cores=cores) as daemon:
         targets: dict[str, DaemonProc | None] = {"direct": None, "bare": proxy, "daemon": daemon}
         modes = list(targets)
         for rep in range(reps):
             # Rotate the order, so drift in machine load hits every mode alike.
             for mode in modes[rep % 3:] + modes[:rep % 3]:
-                result = run_once(targets[mode], pubs, 1, per_pub, f"tp-{mode}-{rep}")
+                result = run_once(targets[mode], pubs, 1, per_pub, f"tp-{mode}-{rep}",
+                                  load_cores=load_cores)
                 rates[mode].append(result["rates"][0])
                 losses[mode].append(result["lost"][0])
         fan = run_once(daemon, 16, 4, fan_per_pub, "fanout")
