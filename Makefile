@@ -16,6 +16,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt bus/_cache.c
 	$(PY) -m venv $(VENV)
 	$(PIP) --upgrade pip setuptools wheel
+	@# The C extension is optional: a build that fails must leave no stale library behind.
+	rm -f bus/_cache*.so
 	$(PIP) -e '.[train,dev,prometheus,sb3,sb3-contrib,web-test]'
 	touch $(STAMP)
 

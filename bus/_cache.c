@@ -1,20 +1,26 @@
-/* The daemon's last-value cache and its feed loop, compiled.
+/* The daemon's forwarder with its last-value cache, compiled.
  *
- * Why this exists: the daemon forwards in libzmq (zmq_proxy_steerable), and its last-value
- * cache reads its own copy of the stream from an inproc SUB. Read from Python, that copy
- * cost ~2 us of interpreter time per event (two zmq.Frame objects, bytes copies, a dict
- * update): flat out, the daemon spent 2-2.5x the CPU of a bare zmq.proxy. This file does
- * the same work in C: receive, the same structural checks, the same bounded cache. It is
- * loaded with ctypes by bus/cache.py, which falls back to the Python loop when this
- * library was not built (no C compiler at install time) or libzmq cannot be found.
+ * Why this exists: the daemon forwards XSUB -> PUB and keeps the last events of every topic
+ * for late joiners. Read from Python, the cache's copy of the stream cost ~2 us of
+ * interpreter time per event. Read in C from an inproc subscriber of its own beside
+ * libzmq's proxy, it still cost the process ~1.3x a bare zmq.proxy: every event went
+ * through a second pipe and two more receives, ~100 ms after it had left the CPU's caches
+ * (the reader woke in batches, since each wake-up costs CPU of its own). So the forwarding
+ * loop is here too (tb_cache_forward, the loop zmq_proxy runs, with ZMQ_DONTWAIT on every
+ * receive and send): each event is looked at and cached while it is being forwarded.
  *
- * No zmq.h and no Python.h: pyzmq's wheel bundles libzmq without headers, so bus/cache.py
- * hands over the addresses of the six libzmq functions used here, taken from the libzmq
- * the process already has loaded (the one pyzmq's sockets live in). zmq_msg_t is part of
- * libzmq's stable ABI: 64 opaque bytes aligned like a pointer.
+ * It is loaded with ctypes by bus/cache.py, which falls back to libzmq's proxy and the
+ * Python cache when this library was not built (no C compiler at install time) or libzmq
+ * cannot be found. No zmq.h and no Python.h: pyzmq's wheel bundles libzmq without
+ * headers, so bus/cache.py hands over the addresses of the libzmq functions used here,
+ * taken from the libzmq the process already has loaded (the one pyzmq's sockets live in).
+ * zmq_msg_t (64 opaque bytes aligned like a pointer) and zmq_pollitem_t are part of
+ * libzmq's stable ABI.
  *
- * The semantics mirror LastValueCache.feed in bus/cache.py exactly (a differential test in
- * tests/test_cache.py feeds both the same frames): per message, in this order,
+ * What is cached mirrors LastValueCache.feed in bus/cache.py exactly (a differential test
+ * in tests/test_cache.py feeds both the same frames through tb_cache_feed, the same checks
+ * read from a socket, and another checks that the forwarder caches what tb_cache_feed
+ * does): per message, in this order,
  *   one frame only                  -> rejected "bad_frame_count"
  *   more than two frames            -> rejected "bad_frame_count" (all its frames read)
  *   topic + payload > max_size      -> rejected "too_large"
@@ -23,14 +29,26 @@
  * otherwise the payload is copied into the topic's ring of the last `depth` payloads. A
  * copy, not the received zmq message: a message received over TCP may be a slice of
  * libzmq's shared 8 KiB receive buffer, and keeping it would keep that whole buffer.
+ * Every message is forwarded as it was sent, rejected or not: consumers check for
+ * themselves.
  *
- * Single-threaded by contract: one thread (the daemon's main thread) calls every function.
+ * Threads: the forwarder (one thread, in tb_cache_forward) and the daemon's main thread
+ * (snapshots, stats, idle eviction) share the cache under a mutex. The forwarder never
+ * waits for it: when the main thread holds it, the forwarder keeps forwarding and parks
+ * references to the events (zmq_msg_copy, no data copied) until it gets the lock, at most
+ * PENDING_MAX of them; beyond that an event is forwarded but not cached, and counted.
+ * Counters the forwarder bumps outside the lock are atomics.
  */
 
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, nanosleep under -std=c11 */
+
+#include <errno.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct {
     unsigned char opaque[64];
@@ -42,6 +60,16 @@ typedef int (*msg_recv_fn)(tb_zmq_msg *, void *, int);
 typedef void *(*msg_data_fn)(tb_zmq_msg *);
 typedef size_t (*msg_size_fn)(const tb_zmq_msg *);
 typedef int (*msg_more_fn)(const tb_zmq_msg *);
+typedef int (*msg_send_fn)(tb_zmq_msg *, void *, int);
+typedef int (*msg_copy_fn)(tb_zmq_msg *, tb_zmq_msg *);
+typedef struct {
+    void *socket;
+    int fd;
+    short events;
+    short revents;
+} tb_pollitem; /* zmq_pollitem_t */
+typedef int (*poll_fn)(tb_pollitem *, int, long);
+typedef int (*errno_fn)(void);
 /* Asked once per new topic: 1 if it is a valid topic (bus/protocol.py decides), else 0. */
 typedef int (*topic_ok_fn)(const char *topic, size_t size);
 
@@ -51,8 +79,20 @@ static msg_recv_fn zmq_msg_recv_;
 static msg_data_fn zmq_msg_data_;
 static msg_size_fn zmq_msg_size_;
 static msg_more_fn zmq_msg_more_;
+static msg_send_fn zmq_msg_send_;
+static msg_copy_fn zmq_msg_copy_;
+static poll_fn zmq_poll_;
+static errno_fn zmq_errno_;
 
 #define TB_DONTWAIT 1 /* ZMQ_DONTWAIT */
+#define TB_SNDMORE 2  /* ZMQ_SNDMORE */
+#define TB_POLLIN 1   /* ZMQ_POLLIN */
+/* Messages forwarded per wake-up before the control socket is looked at again (zmq_proxy's
+ * burst is 1000 too). */
+#define BURST 1000
+/* Events parked while the main thread holds the cache (see the top of this file): at
+ * 50k ev/s, 80 ms of traffic; 128 bytes each. */
+#define PENDING_MAX 4096
 
 enum { REJECT_BAD_FRAME_COUNT, REJECT_TOO_LARGE, REJECT_NOT_A_MAP, REJECT_BAD_TOPIC, N_REJECTS };
 
@@ -76,36 +116,67 @@ typedef struct tb_stream {
 } tb_stream;
 
 typedef struct {
+    tb_zmq_msg topic, payload;
+    double now;
+} tb_parked;
+
+typedef struct {
+    pthread_mutex_t lock; /* everything below but the atomics and the parked events */
     uint32_t depth;
     uint64_t max_streams;
     uint64_t n_streams;
     uint64_t arrivals;
     uint64_t evicted;
+    /* Atomics: bumped by the forwarder with or without the lock. */
     uint64_t rejects[N_REJECTS];
+    uint64_t messages, frames, dropped;
+    /* The forwarder's alone (n_parked is read by the main thread, atomically). */
+    tb_parked *parked;
+    uint64_t n_parked;
     tb_stream **buckets;
     uint64_t n_buckets; /* a power of two */
     tb_stream *oldest, *newest;
-    /* A snapshot being handed over: filled by tb_cache_snapshot_begin, read and freed by
-     * tb_cache_snapshot_copy. */
-    struct tb_item {
-        uint64_t arrival;
-        const tb_slot *slot;
-        const tb_stream *stream;
-    } *items;
-    uint64_t n_items;
 } tb_cache;
 
+/* One cached payload picked for a snapshot. */
+struct tb_item {
+    uint64_t arrival;
+    const tb_slot *slot;
+    const tb_stream *stream;
+};
+
 /* Counters handed to Python in one call, in this order. */
-enum { STAT_STREAMS, STAT_EVICTED, STAT_REJECTS, N_STATS = STAT_REJECTS + N_REJECTS };
+enum {
+    STAT_STREAMS,
+    STAT_EVICTED,
+    STAT_MESSAGES,
+    STAT_FRAMES,
+    STAT_DROPPED,
+    STAT_REJECTS,
+    N_STATS = STAT_REJECTS + N_REJECTS
+};
 
 void tb_bind_libzmq(msg_init_fn init, msg_close_fn close, msg_recv_fn recv, msg_data_fn data,
-                    msg_size_fn size, msg_more_fn more) {
+                    msg_size_fn size, msg_more_fn more, msg_send_fn send, msg_copy_fn copy,
+                    poll_fn poll, errno_fn errno_) {
     zmq_msg_init_ = init;
     zmq_msg_close_ = close;
     zmq_msg_recv_ = recv;
     zmq_msg_data_ = data;
     zmq_msg_size_ = size;
     zmq_msg_more_ = more;
+    zmq_msg_send_ = send;
+    zmq_msg_copy_ = copy;
+    zmq_poll_ = poll;
+    zmq_errno_ = errno_;
+}
+
+static void count(uint64_t *counter, uint64_t n) {
+    __atomic_fetch_add(counter, n, __ATOMIC_RELAXED);
+}
+
+static uint64_t load(const uint64_t *counter) {
+    return __atomic_load_n(counter, __ATOMIC_RELAXED);
 }
 
 /* Eight bytes at a time, each word mixed in by a multiply: a topic (~30 bytes) hashes in a
@@ -142,7 +213,11 @@ tb_cache *tb_cache_new(uint32_t depth, uint64_t max_streams) {
     cache->max_streams = max_streams;
     cache->n_buckets = 1024;
     cache->buckets = calloc(cache->n_buckets, sizeof *cache->buckets);
-    if (cache->buckets == NULL) {
+    cache->parked = malloc(PENDING_MAX * sizeof *cache->parked);
+    if (cache->buckets == NULL || cache->parked == NULL ||
+        pthread_mutex_init(&cache->lock, NULL) != 0) {
+        free(cache->buckets);
+        free(cache->parked);
         free(cache);
         return NULL;
     }
@@ -280,10 +355,44 @@ static int is_map_marker(unsigned char byte) {
     return (byte >= 0x80 && byte <= 0x8f) || byte == 0xde || byte == 0xdf;
 }
 
+/* The checks that need no cache: a reject reason, or -1 when the event may be cached. */
+static int precheck(size_t topic_size, size_t payload_size, const unsigned char *payload,
+                    uint64_t max_size) {
+    if (topic_size + payload_size > max_size)
+        return REJECT_TOO_LARGE;
+    if (payload_size == 0 || !is_map_marker(payload[0]))
+        return REJECT_NOT_A_MAP;
+    return -1;
+}
+
+/* Cache one event that passed precheck (lock held): 0, or -1 out of memory (not cached). */
+static int store_event(tb_cache *cache, const char *topic, size_t topic_size, const void *payload,
+                       size_t payload_size, double now, topic_ok_fn topic_ok) {
+    uint64_t hash = hash_bytes(topic, topic_size);
+    tb_stream *stream = find_stream(cache, topic, topic_size, hash);
+    if (stream == NULL) {
+        if (!topic_ok(topic, topic_size)) {
+            count(&cache->rejects[REJECT_BAD_TOPIC], 1);
+            return 0;
+        }
+        stream = add_stream(cache, topic, topic_size, hash);
+        if (stream == NULL)
+            return -1;
+    } else if (stream != cache->newest) {
+        unlink_recency(cache, stream);
+        append_recency(cache, stream);
+    }
+    stream->last_seen = now;
+    return store_payload(cache, stream, payload, payload_size);
+}
+
 /* Read and cache up to `limit` messages (limit < 0: until the socket has none queued).
  * Returns the messages read (each counted, cached or rejected), or -1 when out of memory
  * (the message being stored is lost; what was read before is accounted). `*frames` gets
- * the frames read. Never blocks: every receive is ZMQ_DONTWAIT. */
+ * the frames read. Never blocks on the socket: every receive is ZMQ_DONTWAIT. The same
+ * checks and store as the forwarder's, on messages read from a socket: what the daemon's
+ * forwarder does to each event, driven the way the Python cache is (the differential
+ * test feeds both). */
 int64_t tb_cache_feed(tb_cache *cache, void *socket, int64_t limit, double now,
                       uint64_t max_size, topic_ok_fn topic_ok, uint64_t *frames) {
     tb_zmq_msg first, second;
@@ -292,13 +401,14 @@ int64_t tb_cache_feed(tb_cache *cache, void *socket, int64_t limit, double now,
     int failed = 0;
     zmq_msg_init_(&first);
     zmq_msg_init_(&second);
+    pthread_mutex_lock(&cache->lock);
     while (limit < 0 || seen < limit) {
         if (zmq_msg_recv_(&first, socket, TB_DONTWAIT) < 0)
             break; /* EAGAIN: nothing queued (or the context is ending) */
         seen++;
         n_frames++;
         if (!zmq_msg_more_(&first)) {
-            cache->rejects[REJECT_BAD_FRAME_COUNT]++;
+            count(&cache->rejects[REJECT_BAD_FRAME_COUNT], 1);
             continue;
         }
         /* A message's frames arrive together, so the rest is already queued. */
@@ -308,65 +418,199 @@ int64_t tb_cache_feed(tb_cache *cache, void *socket, int64_t limit, double now,
         if (zmq_msg_more_(&second)) {
             while (zmq_msg_more_(&second) && zmq_msg_recv_(&second, socket, TB_DONTWAIT) >= 0)
                 n_frames++;
-            cache->rejects[REJECT_BAD_FRAME_COUNT]++;
+            count(&cache->rejects[REJECT_BAD_FRAME_COUNT], 1);
             continue;
         }
-        size_t topic_size = zmq_msg_size_(&first);
-        size_t payload_size = zmq_msg_size_(&second);
-        if (topic_size + payload_size > max_size) {
-            cache->rejects[REJECT_TOO_LARGE]++;
-            continue;
-        }
+        size_t topic_size = zmq_msg_size_(&first), payload_size = zmq_msg_size_(&second);
         const unsigned char *payload = zmq_msg_data_(&second);
-        if (payload_size == 0 || !is_map_marker(payload[0])) {
-            cache->rejects[REJECT_NOT_A_MAP]++;
+        int reason = precheck(topic_size, payload_size, payload, max_size);
+        if (reason >= 0) {
+            count(&cache->rejects[reason], 1);
             continue;
         }
-        const char *topic = zmq_msg_data_(&first);
-        uint64_t hash = hash_bytes(topic, topic_size);
-        tb_stream *stream = find_stream(cache, topic, topic_size, hash);
-        if (stream == NULL) {
-            if (!topic_ok(topic, topic_size)) {
-                cache->rejects[REJECT_BAD_TOPIC]++;
-                continue;
-            }
-            stream = add_stream(cache, topic, topic_size, hash);
-            if (stream == NULL) {
-                failed = 1;
-                break;
-            }
-        } else if (stream != cache->newest) {
-            unlink_recency(cache, stream);
-            append_recency(cache, stream);
-        }
-        stream->last_seen = now;
-        if (store_payload(cache, stream, payload, payload_size) < 0) {
+        if (store_event(cache, zmq_msg_data_(&first), topic_size, payload, payload_size, now,
+                        topic_ok) < 0) {
             failed = 1;
             break;
         }
     }
+    pthread_mutex_unlock(&cache->lock);
     zmq_msg_close_(&first);
     zmq_msg_close_(&second);
+    count(&cache->messages, (uint64_t)seen);
+    count(&cache->frames, n_frames);
     *frames = n_frames;
     return failed ? -1 : seen;
+}
+
+static double monotonic_now(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now); /* Python's time.monotonic() on Linux */
+    return (double)now.tv_sec + (double)now.tv_nsec / 1e9;
+}
+
+/* Cache the parked events (lock held, forwarder thread). */
+static void store_parked(tb_cache *cache, topic_ok_fn topic_ok) {
+    for (uint64_t i = 0; i < cache->n_parked; i++) {
+        tb_parked *event = &cache->parked[i];
+        if (store_event(cache, zmq_msg_data_(&event->topic), zmq_msg_size_(&event->topic),
+                        zmq_msg_data_(&event->payload), zmq_msg_size_(&event->payload),
+                        event->now, topic_ok) < 0)
+            count(&cache->dropped, 1);
+        zmq_msg_close_(&event->topic);
+        zmq_msg_close_(&event->payload);
+    }
+    __atomic_store_n(&cache->n_parked, 0, __ATOMIC_RELEASE);
+}
+
+/* A two-frame event on its way through: checked, then cached (lock held) or parked. */
+static void cache_or_park(tb_cache *cache, tb_zmq_msg *topic, tb_zmq_msg *payload, double now,
+                          int locked, uint64_t max_size, topic_ok_fn topic_ok) {
+    size_t topic_size = zmq_msg_size_(topic), payload_size = zmq_msg_size_(payload);
+    const unsigned char *data = zmq_msg_data_(payload);
+    int reason = precheck(topic_size, payload_size, data, max_size);
+    if (reason >= 0) {
+        count(&cache->rejects[reason], 1);
+        return;
+    }
+    if (locked) {
+        if (store_event(cache, zmq_msg_data_(topic), topic_size, data, payload_size, now,
+                        topic_ok) < 0)
+            count(&cache->dropped, 1);
+        return;
+    }
+    if (cache->n_parked == PENDING_MAX) {
+        count(&cache->dropped, 1);
+        return;
+    }
+    tb_parked *event = &cache->parked[cache->n_parked];
+    zmq_msg_init_(&event->topic);
+    zmq_msg_init_(&event->payload);
+    if (zmq_msg_copy_(&event->topic, topic) < 0 || zmq_msg_copy_(&event->payload, payload) < 0) {
+        zmq_msg_close_(&event->topic);
+        zmq_msg_close_(&event->payload);
+        count(&cache->dropped, 1);
+        return;
+    }
+    event->now = now;
+    __atomic_store_n(&cache->n_parked, cache->n_parked + 1, __ATOMIC_RELEASE);
+}
+
+/* Send one frame on; 0, or -1 when the socket cannot take it (the context is ending). A
+ * PUB never refuses for a full subscriber (it drops for that one), so with ZMQ_DONTWAIT
+ * this does not block either. */
+static int send_frame(tb_zmq_msg *frame, void *pub, int more) {
+    return zmq_msg_send_(frame, pub, TB_DONTWAIT | (more ? TB_SNDMORE : 0)) < 0 ? -1 : 0;
+}
+
+/* Forward every message from `xsub` to `pub`, frame for frame, and cache each two-frame
+ * event on the way, until a message arrives on `control` (returns 0) or libzmq fails (the
+ * context is ending; returns -1, zmq_errno() says why). Runs on the daemon's forwarding
+ * thread, with the GIL released (ctypes); `topic_ok` takes it, once per new topic. */
+int tb_cache_forward(tb_cache *cache, void *xsub, void *pub, void *control, uint64_t max_size,
+                     topic_ok_fn topic_ok) {
+    tb_pollitem items[2] = {{xsub, 0, TB_POLLIN, 0}, {control, 0, TB_POLLIN, 0}};
+    tb_zmq_msg first, second;
+    int result = 0;
+    zmq_msg_init_(&first);
+    zmq_msg_init_(&second);
+    for (;;) {
+        /* With events parked, look again within a millisecond to cache them. */
+        if (zmq_poll_(items, 2, cache->n_parked ? 1 : -1) < 0) {
+            if (zmq_errno_() == EINTR)
+                continue;
+            result = -1;
+            break;
+        }
+        if (items[1].revents & TB_POLLIN) {
+            /* TERMINATE ends forwarding, as for zmq_proxy_steerable; anything else is
+             * ignored (STATISTICS is not answered: the counters are tb_cache_stats'). */
+            if (zmq_msg_recv_(&first, control, TB_DONTWAIT) >= 0 && zmq_msg_size_(&first) == 9 &&
+                memcmp(zmq_msg_data_(&first), "TERMINATE", 9) == 0)
+                break;
+            continue;
+        }
+        int locked = pthread_mutex_trylock(&cache->lock) == 0;
+        double now = monotonic_now();
+        if (locked && cache->n_parked)
+            store_parked(cache, topic_ok);
+        uint64_t messages = 0, frames = 0;
+        for (int n = 0; n < BURST && result == 0; n++) {
+            if (zmq_msg_recv_(&first, xsub, TB_DONTWAIT) < 0) {
+                int error = zmq_errno_();
+                if (error != EAGAIN && error != EINTR)
+                    result = -1;
+                break;
+            }
+            messages++;
+            frames++;
+            if (!zmq_msg_more_(&first)) {
+                count(&cache->rejects[REJECT_BAD_FRAME_COUNT], 1);
+                result = send_frame(&first, pub, 0);
+                continue;
+            }
+            /* A message's frames arrive together, so the rest is already queued. */
+            if (zmq_msg_recv_(&second, xsub, TB_DONTWAIT) < 0) {
+                result = -1;
+                break;
+            }
+            frames++;
+            if (zmq_msg_more_(&second)) {
+                count(&cache->rejects[REJECT_BAD_FRAME_COUNT], 1);
+                result = send_frame(&first, pub, 1);
+                while (result == 0 && zmq_msg_more_(&second)) {
+                    result = send_frame(&second, pub, 1);
+                    if (result == 0 && zmq_msg_recv_(&second, xsub, TB_DONTWAIT) < 0)
+                        result = -1;
+                    frames++;
+                }
+                if (result == 0)
+                    result = send_frame(&second, pub, 0);
+                continue;
+            }
+            cache_or_park(cache, &first, &second, now, locked, max_size, topic_ok);
+            result = send_frame(&first, pub, 1);
+            if (result == 0)
+                result = send_frame(&second, pub, 0);
+        }
+        if (locked)
+            pthread_mutex_unlock(&cache->lock);
+        count(&cache->messages, messages);
+        count(&cache->frames, frames);
+        if (result != 0)
+            break;
+    }
+    zmq_msg_close_(&first);
+    zmq_msg_close_(&second);
+    pthread_mutex_lock(&cache->lock); /* what was forwarded is cached, also at the end */
+    store_parked(cache, topic_ok);
+    pthread_mutex_unlock(&cache->lock);
+    return result;
 }
 
 /* Drop the streams silent for longer than idle_s (least recently active first). */
 uint64_t tb_cache_evict_idle(tb_cache *cache, double now, double idle_s) {
     uint64_t dropped = 0;
+    pthread_mutex_lock(&cache->lock);
     while (cache->oldest && now - cache->oldest->last_seen > idle_s) {
         remove_stream(cache, cache->oldest);
         dropped++;
     }
     cache->evicted += dropped;
+    pthread_mutex_unlock(&cache->lock);
     return dropped;
 }
 
-void tb_cache_stats(const tb_cache *cache, uint64_t *out) {
+void tb_cache_stats(tb_cache *cache, uint64_t *out) {
+    pthread_mutex_lock(&cache->lock);
     out[STAT_STREAMS] = cache->n_streams;
     out[STAT_EVICTED] = cache->evicted;
+    pthread_mutex_unlock(&cache->lock);
+    out[STAT_MESSAGES] = load(&cache->messages);
+    out[STAT_FRAMES] = load(&cache->frames);
+    out[STAT_DROPPED] = load(&cache->dropped);
     for (int i = 0; i < N_REJECTS; i++)
-        out[STAT_REJECTS + i] = cache->rejects[i];
+        out[STAT_REJECTS + i] = load(&cache->rejects[i]);
 }
 
 static int by_arrival(const void *a, const void *b) {
@@ -387,63 +631,108 @@ static int matches(const tb_stream *stream, const char *const *prefixes, const u
     return !wanted;
 }
 
-/* First half of a snapshot: select the cached payloads of every topic starting with one of
- * the prefixes (all of them with none, or only empty ones) in arrival order. Returns how
- * many, and in *bytes the size of the buffer tb_cache_snapshot_copy needs; -1 when out of
- * memory. */
-int64_t tb_cache_snapshot_begin(tb_cache *cache, const char *const *prefixes,
-                                const uint64_t *prefix_sizes, uint32_t n_prefixes,
-                                uint64_t *bytes) {
-    free(cache->items);
-    cache->items = NULL;
-    cache->n_items = 0;
+/* Take the lock with no events parked: a snapshot must hold everything forwarded before
+ * it was asked for, and events the forwarder parked while the lock was last held are
+ * cached by it within a millisecond of the lock coming free. Waits at most ~20 ms. */
+static void lock_settled(tb_cache *cache) {
+    pthread_mutex_lock(&cache->lock);
+    for (int tries = 0; tries < 100 && __atomic_load_n(&cache->n_parked, __ATOMIC_ACQUIRE);
+         tries++) {
+        pthread_mutex_unlock(&cache->lock);
+        nanosleep(&(struct timespec){0, 200 * 1000}, NULL);
+        pthread_mutex_lock(&cache->lock);
+    }
+}
+
+/* A snapshot: the cached payloads of every topic starting with one of the prefixes (all of
+ * them with none, or only empty ones) in arrival order, as one buffer of topic and payload
+ * back to back per item (*buffer, *bytes long) and their sizes as pairs (*sizes, two per
+ * item), both to be handed to tb_release. Returns how many items, -1 when out of memory.
+ * One call under the lock, so the forwarder never changes what is being copied. */
+int64_t tb_cache_snapshot(tb_cache *cache, const char *const *prefixes,
+                          const uint64_t *prefix_sizes, uint32_t n_prefixes, char **buffer,
+                          uint64_t **sizes, uint64_t *bytes) {
+    *buffer = NULL;
+    *sizes = NULL;
+    *bytes = 0;
+    lock_settled(cache);
     uint64_t total = 0, n = 0;
     for (const tb_stream *s = cache->oldest; s; s = s->newer)
         if (matches(s, prefixes, prefix_sizes, n_prefixes))
             n += s->count;
-    *bytes = 0;
-    if (n == 0)
-        return 0;
-    cache->items = malloc(n * sizeof *cache->items);
-    if (cache->items == NULL)
+    struct tb_item *items = n ? malloc(n * sizeof *items) : NULL;
+    if (n && items == NULL) {
+        pthread_mutex_unlock(&cache->lock);
         return -1;
-    for (const tb_stream *s = cache->oldest; s; s = s->newer) {
+    }
+    uint64_t n_items = 0;
+    for (const tb_stream *s = cache->oldest; n && s; s = s->newer) {
         if (!matches(s, prefixes, prefix_sizes, n_prefixes))
             continue;
         for (uint32_t i = 0; i < s->count; i++) {
             const tb_slot *slot = &s->slots[(s->head + i) % cache->depth];
-            cache->items[cache->n_items++] = (struct tb_item){slot->arrival, slot, s};
+            items[n_items++] = (struct tb_item){slot->arrival, slot, s};
             total += s->topic_size + slot->size;
         }
     }
-    qsort(cache->items, cache->n_items, sizeof *cache->items, by_arrival);
-    *bytes = total;
-    return (int64_t)cache->n_items;
-}
-
-/* Second half: topic and payload of each selected item back to back into `buffer`, their
- * sizes as pairs into `sizes` (2 per item). The selection is freed. */
-void tb_cache_snapshot_copy(tb_cache *cache, char *buffer, uint64_t *sizes) {
-    for (uint64_t i = 0; i < cache->n_items; i++) {
-        const struct tb_item *item = &cache->items[i];
-        memcpy(buffer, item->stream->topic, item->stream->topic_size);
-        buffer += item->stream->topic_size;
-        memcpy(buffer, item->slot->data, item->slot->size);
-        buffer += item->slot->size;
-        sizes[2 * i] = item->stream->topic_size;
-        sizes[2 * i + 1] = item->slot->size;
+    int64_t result = (int64_t)n_items;
+    if (n_items) {
+        qsort(items, n_items, sizeof *items, by_arrival);
+        char *out = malloc(total ? total : 1);
+        uint64_t *out_sizes = malloc(2 * n_items * sizeof *out_sizes);
+        if (out == NULL || out_sizes == NULL) {
+            free(out);
+            free(out_sizes);
+            result = -1;
+        } else {
+            char *at = out;
+            for (uint64_t i = 0; i < n_items; i++) {
+                memcpy(at, items[i].stream->topic, items[i].stream->topic_size);
+                at += items[i].stream->topic_size;
+                memcpy(at, items[i].slot->data, items[i].slot->size);
+                at += items[i].slot->size;
+                out_sizes[2 * i] = items[i].stream->topic_size;
+                out_sizes[2 * i + 1] = items[i].slot->size;
+            }
+            *buffer = out;
+            *sizes = out_sizes;
+            *bytes = total;
+        }
     }
-    free(cache->items);
-    cache->items = NULL;
-    cache->n_items = 0;
+    pthread_mutex_unlock(&cache->lock);
+    free(items);
+    return result;
 }
 
+/* Hold (1) or release (0) the cache from the calling thread, as a long snapshot would hold
+ * it: the tests use it to see the forwarder park events and cache them afterwards. */
+void tb_cache_hold(tb_cache *cache, int hold) {
+    if (hold)
+        pthread_mutex_lock(&cache->lock);
+    else
+        pthread_mutex_unlock(&cache->lock);
+}
+
+uint64_t tb_cache_park_max(void) {
+    return PENDING_MAX;
+}
+
+void tb_release(void *memory) {
+    free(memory);
+}
+
+/* Only once the forwarder has returned. */
 void tb_cache_free(tb_cache *cache) {
     if (cache == NULL)
         return;
     while (cache->oldest)
         remove_stream(cache, cache->oldest);
-    free(cache->items);
+    for (uint64_t i = 0; i < cache->n_parked; i++) {
+        zmq_msg_close_(&cache->parked[i].topic);
+        zmq_msg_close_(&cache->parked[i].payload);
+    }
+    free(cache->parked);
     free(cache->buckets);
+    pthread_mutex_destroy(&cache->lock);
     free(cache);
 }

@@ -1,19 +1,20 @@
-"""The daemon's last-value cache: the last ``depth`` messages of every topic, fed from a
-socket that carries the forwarded stream, served to late joiners as snapshots.
+"""The daemon's last-value cache: the last ``depth`` messages of every topic, served to late
+joiners as snapshots.
 
 Two implementations with one behaviour (tests/test_cache.py feeds both the same frames
 and compares everything they say):
 
-* :class:`CompiledCache` (the default): the feed loop and the cache in C (``bus/_cache.c``,
-  built with the package, loaded with ctypes). Per event it costs a fraction of a
-  microsecond with the GIL released, so the daemon's CPU stays close to libzmq's own
-  proxy's even flat out.
-* :class:`LastValueCache`: the same in Python, ~2 µs per event. Used where the C library
-  was not built (no C compiler when the package was installed) or libzmq cannot be found
-  in the process, and when ``TRAINBUS_DAEMON_CACHE=python`` asks for it.
+* :class:`CompiledCache` (the default): the cache in C (``bus/_cache.c``, built with the
+  package, loaded with ctypes), together with the daemon's forwarding loop, which caches
+  each event while forwarding it: a fraction of a microsecond per event with the GIL
+  released, so the daemon costs about what libzmq's own proxy costs.
+* :class:`LastValueCache`: the same in Python, ~2 µs per event, fed from a subscriber
+  beside libzmq's proxy. Used where the C library was not built (no C compiler when the
+  package was installed) or libzmq cannot be found in the process, and when
+  ``TRAINBUS_DAEMON_CACHE=python`` asks for it.
 
-What the feed checks, per message, in this order (what fails is never cached and is
-counted by reason; the proxy forwarded it anyway and every consumer rejects it itself):
+What the cache checks, per message, in this order (what fails is never cached and is
+counted by reason; it was forwarded anyway and every consumer rejects it itself):
 one frame only or more than two (``bad_frame_count``), topic + payload over the size limit
 (``too_large``), a payload that does not start with a msgpack map marker (``not_a_map``),
 a new topic that :func:`bus.protocol.parse_topic` refuses (``bad_topic``).
@@ -47,6 +48,7 @@ class FeedCache(Protocol):
     """What the daemon needs from a cache, whichever implementation it is."""
 
     name: str
+    forwards: bool
     evicted: int
 
     def __len__(self) -> int: ...
@@ -65,6 +67,8 @@ class LastValueCache:
     """The last ``depth`` messages of every topic, in arrival order, bounded in streams."""
 
     name = "python"
+    #: The daemon forwards with libzmq's proxy and feeds this cache from a subscriber.
+    forwards = False
 
     def __init__(self, depth: int, max_streams: int, idle_evict_s: float) -> None:
         if depth < 1 or max_streams < 1:
@@ -195,13 +199,19 @@ def _check_topic(data: int, size: int) -> int:
     return 1 if topic_is_valid(ctypes.string_at(data, size)) else 0
 
 
+#: What bus/_cache.c calls in libzmq, in tb_bind_libzmq's order.
+_LIBZMQ_FUNCTIONS = ("zmq_msg_init", "zmq_msg_close", "zmq_msg_recv", "zmq_msg_data",
+                     "zmq_msg_size", "zmq_msg_more", "zmq_msg_send", "zmq_msg_copy", "zmq_poll",
+                     "zmq_errno")
+
+
 class _Library:
     """The compiled cache (bus/_cache.c) bound to the libzmq this process has loaded."""
 
     def __init__(self, path: str, zmq_lib: ctypes.CDLL) -> None:
         lib = ctypes.CDLL(path)
         u64, i64, ptr = ctypes.c_uint64, ctypes.c_int64, ctypes.c_void_p
-        lib.tb_bind_libzmq.argtypes = [ptr] * 6
+        lib.tb_bind_libzmq.argtypes = [ptr] * len(_LIBZMQ_FUNCTIONS)
         lib.tb_bind_libzmq.restype = None
         lib.tb_cache_new.argtypes = [ctypes.c_uint32, u64]
         lib.tb_cache_new.restype = ptr
@@ -214,15 +224,20 @@ class _Library:
         lib.tb_cache_evict_idle.restype = u64
         lib.tb_cache_stats.argtypes = [ptr, ctypes.POINTER(u64)]
         lib.tb_cache_stats.restype = None
-        lib.tb_cache_snapshot_begin.argtypes = [ptr, ctypes.POINTER(ctypes.c_char_p),
-                                                ctypes.POINTER(u64), ctypes.c_uint32,
-                                                ctypes.POINTER(u64)]
-        lib.tb_cache_snapshot_begin.restype = i64
-        lib.tb_cache_snapshot_copy.argtypes = [ptr, ctypes.c_char_p, ctypes.POINTER(u64)]
-        lib.tb_cache_snapshot_copy.restype = None
-        names = ("zmq_msg_init", "zmq_msg_close", "zmq_msg_recv", "zmq_msg_data",
-                 "zmq_msg_size", "zmq_msg_more")
-        lib.tb_bind_libzmq(*(ctypes.cast(getattr(zmq_lib, n), ptr) for n in names))
+        lib.tb_cache_forward.argtypes = [ptr, ptr, ptr, ptr, u64, _TOPIC_CHECK]
+        lib.tb_cache_forward.restype = ctypes.c_int
+        lib.tb_cache_snapshot.argtypes = [ptr, ctypes.POINTER(ctypes.c_char_p),
+                                          ctypes.POINTER(u64), ctypes.c_uint32,
+                                          ctypes.POINTER(ptr), ctypes.POINTER(ctypes.POINTER(u64)),
+                                          ctypes.POINTER(u64)]
+        lib.tb_cache_snapshot.restype = i64
+        lib.tb_cache_hold.argtypes = [ptr, ctypes.c_int]
+        lib.tb_cache_hold.restype = None
+        lib.tb_cache_park_max.argtypes = []
+        lib.tb_cache_park_max.restype = u64
+        lib.tb_release.argtypes = [ptr]
+        lib.tb_release.restype = None
+        lib.tb_bind_libzmq(*(ctypes.cast(getattr(zmq_lib, n), ptr) for n in _LIBZMQ_FUNCTIONS))
         self.lib = lib
 
 
@@ -276,13 +291,21 @@ def compiled_library() -> _Library:
 
 
 class CompiledCache:
-    """:class:`LastValueCache`'s behaviour with the feed loop and the cache in C.
+    """:class:`LastValueCache`'s behaviour in C, and the daemon's forwarding loop with it.
+
+    :meth:`forward` is the daemon's XSUB → PUB forwarder (run on a thread of its own): it
+    caches each event while forwarding it, so the cache costs no second pipe, no second
+    receive and no second look at cold data. :meth:`feed` applies the same checks and
+    store to messages read from a socket, the way :meth:`LastValueCache.feed` does, which
+    is what the differential test compares.
 
     Payloads are copied out of the received messages (a message read over TCP can be a
     slice of libzmq's shared receive buffer, which holding it would keep alive), so the
     cache's memory is what it holds: at most ``max_streams`` x ``depth`` payloads."""
 
     name = "compiled"
+    #: The daemon runs :meth:`forward` instead of libzmq's proxy and a feed.
+    forwards = True
     _handle: int | None = None  # until allocated (close() and __del__ may run before)
 
     def __init__(self, depth: int, max_streams: int, idle_evict_s: float) -> None:
@@ -293,13 +316,16 @@ class CompiledCache:
         self._handle = self._lib.tb_cache_new(depth, max_streams)
         if not self._handle:
             raise MemoryError("could not allocate the compiled cache")
-        self._stats = (ctypes.c_uint64 * (2 + len(REJECT_REASONS)))()
+        #: Events the forwarder parks at most while the cache is held (see bus/_cache.c).
+        self.park_max = self._lib.tb_cache_park_max()
+        self._stats = (ctypes.c_uint64 * (5 + len(REJECT_REASONS)))()
         self._frames = ctypes.c_uint64()
         self._rejects_seen = [0] * len(REJECT_REASONS)
 
-    def _read_stats(self) -> tuple[int, int, list[int]]:
+    def _read_stats(self) -> list[int]:
+        """streams, evicted, messages, frames, dropped, then the rejects by reason."""
         self._lib.tb_cache_stats(self._handle, self._stats)
-        return self._stats[0], self._stats[1], list(self._stats[2:])
+        return list(self._stats)
 
     def __len__(self) -> int:
         return self._read_stats()[0]
@@ -308,17 +334,34 @@ class CompiledCache:
     def evicted(self) -> int:
         return self._read_stats()[1]
 
+    def counts(self, rejected: Counter[str]) -> tuple[int, int, int]:
+        """(messages, frames, events not cached for want of memory or room to park them)
+        the cache has seen so far; adds the rejects since the last call to ``rejected``."""
+        stats = self._read_stats()
+        rejects = stats[5:]
+        for index, (count, before) in enumerate(zip(rejects, self._rejects_seen, strict=True)):
+            if count != before:
+                rejected[REJECT_REASONS[index]] += count - before
+        self._rejects_seen = rejects
+        return stats[2], stats[3], stats[4]
+
+    def forward(self, xsub: zmq.Socket, pub: zmq.Socket, control: zmq.Socket,
+                max_size: int) -> None:
+        """Forward ``xsub`` → ``pub`` frame for frame (never blocking on ``pub``: a PUB
+        drops for a full subscriber), caching every event on the way, until ``TERMINATE``
+        arrives on ``control``. Runs with the GIL released; raises ZMQError when libzmq
+        fails (ETERM: the context is ending)."""
+        if self._lib.tb_cache_forward(self._handle, xsub.underlying, pub.underlying,
+                                      control.underlying, max_size, _check_topic) < 0:
+            raise zmq.ZMQError(zmq.zmq_errno())
+
     def feed(self, sock: zmq.Socket, limit: int | None, now: float, max_size: int,
              rejected: Counter[str]) -> tuple[int, int]:
         """As :meth:`LastValueCache.feed`; the loop runs in C with the GIL released."""
         seen = self._lib.tb_cache_feed(self._handle, sock.underlying,
                                        -1 if limit is None else limit, now, max_size,
                                        _check_topic, ctypes.byref(self._frames))
-        rejects = self._read_stats()[2]
-        for index, (count, before) in enumerate(zip(rejects, self._rejects_seen, strict=True)):
-            if count != before:
-                rejected[REJECT_REASONS[index]] += count - before
-        self._rejects_seen = rejects
+        self.counts(rejected)
         if seen < 0:
             raise MemoryError("the compiled cache ran out of memory")
         return seen, self._frames.value
@@ -331,27 +374,37 @@ class CompiledCache:
         n = len(prefixes)
         prefix_array = (ctypes.c_char_p * max(n, 1))(*prefixes)
         size_array = (ctypes.c_uint64 * max(n, 1))(*(len(p) for p in prefixes))
+        buffer = ctypes.c_void_p()
+        sizes = ctypes.POINTER(ctypes.c_uint64)()
         total = ctypes.c_uint64()
-        count = self._lib.tb_cache_snapshot_begin(self._handle, prefix_array, size_array, n,
-                                                  ctypes.byref(total))
+        count = self._lib.tb_cache_snapshot(self._handle, prefix_array, size_array, n,
+                                            ctypes.byref(buffer), ctypes.byref(sizes),
+                                            ctypes.byref(total))
         if count < 0:
             raise MemoryError("no memory for a snapshot")
         if count == 0:
             return []
-        buffer = ctypes.create_string_buffer(total.value or 1)
-        sizes = (ctypes.c_uint64 * (2 * count))()
-        self._lib.tb_cache_snapshot_copy(self._handle, buffer, sizes)
-        blob = buffer.raw
-        pairs = []
-        offset = 0
-        for i in range(count):
-            topic_end = offset + sizes[2 * i]
-            end = topic_end + sizes[2 * i + 1]
-            pairs.append((blob[offset:topic_end], blob[topic_end:end]))
-            offset = end
+        try:
+            blob = ctypes.string_at(buffer, total.value)
+            pairs = []
+            offset = 0
+            for i in range(count):
+                topic_end = offset + sizes[2 * i]
+                end = topic_end + sizes[2 * i + 1]
+                pairs.append((blob[offset:topic_end], blob[topic_end:end]))
+                offset = end
+        finally:
+            self._lib.tb_release(buffer)
+            self._lib.tb_release(ctypes.cast(sizes, ctypes.c_void_p))
         return pairs
 
+    def hold(self, held: bool) -> None:
+        """Hold the cache from this thread (or let it go), as a long snapshot holds it;
+        meanwhile the forwarder parks events (for tests: nothing else needs it)."""
+        self._lib.tb_cache_hold(self._handle, int(held))
+
     def close(self) -> None:
+        """Free the cache (only once :meth:`forward` has returned)."""
         if self._handle:
             self._lib.tb_cache_free(self._handle)
             self._handle = None

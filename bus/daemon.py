@@ -1,13 +1,15 @@
-"""The bus daemon: XSUB (publish side) → PUB (subscribe side) forwarded by libzmq's own
-proxy on a thread, plus a last-value cache served on a ROUTER snapshot port for late
-joiners.
+"""The bus daemon: XSUB (publish side) → PUB (subscribe side) forwarded in C on a thread,
+plus a last-value cache served on a ROUTER snapshot port for late joiners.
 
 Guarantees:
 
-* **Forwarding in C, at most once, never stalled by a subscriber.** ``zmq_proxy_steerable``
-  moves frames without entering Python (about the CPU of a bare ``zmq.proxy``). The PUB
-  drops for a subscriber whose queue (SNDHWM) is full; that subscriber sees the loss as
-  seq gaps while publishers and the other subscribers keep full rate.
+* **Forwarding in C, at most once, never stalled by a subscriber.** The compiled forwarder
+  (``bus/_cache.c``: the loop libzmq's ``zmq_proxy`` runs, zmq_msg_recv then zmq_msg_send,
+  frame for frame) moves messages without entering Python, and caches each event as it
+  passes. Where it was not built, libzmq's ``zmq_proxy_steerable`` forwards and the cache
+  reads a copy of the stream from an inproc SUB of its own. The PUB drops for a subscriber
+  whose queue (SNDHWM) is full; that subscriber sees the loss as seq gaps while publishers
+  and the other subscribers keep full rate.
 * **Size refused by ZeroMQ.** A frame over ``--max-msg-size`` is refused by ZeroMQ itself
   (ZMQ_MAXMSGSIZE on the publish side: the sender's connection is dropped, nothing is
   allocated or forwarded), so a hostile peer cannot make the daemon allocate without bound.
@@ -16,9 +18,12 @@ Guarantees:
   consumer validates every message anyway and counts rejects by reason. The cache path
   applies those structural checks to its own copy of the stream: what fails is never
   cached and is counted by reason in ``bus_stats.rejected``.
-* **The cache never slows forwarding.** It reads an inproc SUB of its own on the PUB, in
-  batches; if it ever fell a queue (FEED_RCVHWM) behind, the PUB would drop for it alone,
-  counted in ``bus_stats.cache_dropped``.
+* **The cache never slows forwarding.** The compiled forwarder never waits for the cache:
+  while the main thread holds it (a snapshot being copied), events are parked by
+  reference and cached when it is free, up to a bound; beyond, an event is forwarded but
+  not cached, counted in ``bus_stats.cache_dropped``. The fallback's feed reads in
+  batches; if it fell a queue (FEED_RCVHWM) behind, the PUB would drop for it alone,
+  counted the same way.
 * **Bounded cache.** The last ``depth`` events per topic; streams idle longer than
   ``idle_evict_s`` and the least recently active beyond ``max_streams`` are evicted.
 
@@ -56,7 +61,7 @@ import zmq
 import zmq.auth
 
 from bus import endpoints, lifecycle, protocol, transport
-from bus.cache import make_cache
+from bus.cache import CompiledCache, make_cache
 
 log = logging.getLogger("trainbus.daemon")
 
@@ -74,14 +79,17 @@ XSUB_RCVHWM = 100_000
 XPUB_SNDHWM = 20_000
 #: The cache feed's own queue, on top of XPUB_SNDHWM: at 50k ev/s, over 4 s of traffic.
 FEED_RCVHWM = 200_000
-#: How often the cache reads its feed while events flow. Not per event, and not more often:
-#: every wake-up of a thread costs CPU of its own, whatever the thread then does (on this
-#: project's 2-core VM 60-160 µs: a 50 Hz tick alone cost an idle daemon 8 ms of CPU a
-#: second, and flat out ~0.16 µs per event, a tenth of a bare proxy's whole cost). While
+#: How often the fallback's cache reads its feed while events flow. Not per event, and not
+#: more often: every wake-up of a thread costs CPU of its own, whatever the thread then does
+#: (on this project's 2-core VM 60-160 µs: a 50 Hz tick alone cost an idle daemon 8 ms of
+#: CPU a second, and flat out ~0.16 µs per event, a tenth of a bare proxy's cost). While
 #: nothing flows the thread waits on the feed itself and wakes for the first event. Neither
 #: delays a late joiner: a snapshot request wakes the thread at once, and the feed is read
 #: to its end before the reply is built.
 FEED_INTERVAL_S = 0.1
+#: How often the main thread reads the compiled forwarder's counts (for the "not cached"
+#: warnings; bus_stats and snapshots read them when they need them).
+COUNTS_INTERVAL_S = 1.0
 #: Most messages stored per feed read between two looks at the snapshot port.
 MAX_FEED_BATCH = 50_000
 #: How long to wait for the proxy thread (STATISTICS answer, TERMINATE).
@@ -173,17 +181,18 @@ class AuthorizedKeys:
 
 
 class Daemon:
-    """Binds the three sockets; :meth:`serve` runs libzmq's proxy on a thread and the
-    last-value cache, snapshot port and bus_stats on the calling thread until :meth:`stop`.
+    """Binds the three sockets; :meth:`serve` forwards on a thread and serves snapshots and
+    bus_stats on the calling thread until :meth:`stop`.
 
     With ``upstream`` (a node daemon) a second proxy thread forwards to a hub, see
     :class:`Upstream`.
 
     Why this split: forwarding every event through Python cost ~3.9x the CPU of a bare
-    ``zmq.proxy``. Now the publish→subscribe path never enters the interpreter: libzmq's
-    ``zmq_proxy_steerable`` moves frames from the XSUB to the PUB in C (GIL released),
-    and the cache reads its own copy of the stream from an inproc SUB on that PUB, in
-    batches, so it neither slows nor blocks forwarding.
+    ``zmq.proxy``. Then libzmq's ``zmq_proxy_steerable`` forwarded and the cache read its
+    own copy of the stream from an inproc SUB, in C: still ~1.3x, for the second pipe,
+    two more receives per event and data gone cold by the time the batch was read. Now
+    the compiled forwarder caches each event while forwarding it (about a bare proxy's
+    CPU); the proxy and the feed remain as the fallback where it was not built.
     """
 
     def __init__(self, publish: str, subscribe: str, snapshot: str, *,
@@ -208,11 +217,15 @@ class Daemon:
         #: What the cache path refused to cache, by reason (forwarded all the same).
         self.rejected: Counter[str] = Counter()
         self.snapshots_served = 0
-        #: Frames the cache path saw; libzmq's own frame count minus this is what the
-        #: cache feed dropped (its queue was full), see :meth:`_proxy_frames`.
+        #: Frames the cache path saw; in the fallback, libzmq's own frame count minus
+        #: this is what the cache feed dropped (its queue was full), see
+        #: :meth:`_proxy_frames`.
         self.frames_seen = 0
         self.frames_forwarded = 0
         self.cache_dropped = 0
+        #: The cache's own subscriber on the PUB, where libzmq's proxy forwards (None where
+        #: the compiled cache forwards and caches in one loop).
+        self.feed: zmq.Socket | None = None
         self.session = uuid.uuid4().hex[:16]
         self._stats_seq = 0
         self._running = True
@@ -273,17 +286,19 @@ class Daemon:
         (the sockets' pending commands are processed here, on this thread), so neither the
         first events nor the first bus_stats can be missed by a subscription in flight."""
         base = f"inproc://trainbus-daemon-{self.session}"
-        # Cache feed: a SUB of the daemon's own on the PUB, i.e. exactly the publish ->
+        # Cache feed (only where libzmq's proxy forwards; the compiled forwarder caches as
+        # it forwards): a SUB of the daemon's own on the PUB, i.e. exactly the publish ->
         # subscribe direction, never subscriptions. Its queue (PUB SNDHWM + this RCVHWM)
         # holds seconds of traffic at any rate the proxy sustains; beyond, the PUB drops
         # for it as for any slow subscriber, and the drop is counted (cache_dropped).
-        self.pub.bind(f"{base}-feed")
-        self.feed = self._ctx.socket(zmq.SUB)
-        self.feed.linger = 0
-        self.feed.rcvhwm = FEED_RCVHWM
-        self.feed.setsockopt(zmq.SUBSCRIBE, b"")
-        self.feed.connect(f"{base}-feed")
-        self.pub.getsockopt(zmq.EVENTS)  # attach the feed and apply its subscription now
+        if not self.cache.forwards:
+            self.pub.bind(f"{base}-feed")
+            self.feed = self._ctx.socket(zmq.SUB)
+            self.feed.linger = 0
+            self.feed.rcvhwm = FEED_RCVHWM
+            self.feed.setsockopt(zmq.SUBSCRIBE, b"")
+            self.feed.connect(f"{base}-feed")
+            self.pub.getsockopt(zmq.EVENTS)  # attach the feed and apply its subscription now
         # bus_stats go out through the proxy like any event (the PUB belongs to the proxy
         # thread), from an XPUB connected to the XSUB; it waits for the XSUB's subscription.
         self.xsub.bind(f"{base}-stats")
@@ -349,7 +364,10 @@ class Daemon:
 
     def _run_proxy(self) -> None:
         try:
-            zmq.proxy_steerable(self.xsub, self.pub, None, self._proxy_control)
+            if isinstance(self.cache, CompiledCache):
+                self.cache.forward(self.xsub, self.pub, self._proxy_control, self.max_msg_size)
+            else:
+                zmq.proxy_steerable(self.xsub, self.pub, None, self._proxy_control)
         except zmq.ZMQError as exc:
             if exc.errno != zmq.ETERM:
                 log.error("forwarding stopped: %s", exc)
@@ -365,9 +383,10 @@ class Daemon:
                 self._running = False
 
     def serve(self) -> None:
-        """Start forwarding, then feed the cache, answer snapshots and publish bus_stats.
+        """Start forwarding, then answer snapshots and publish bus_stats (and, in the
+        fallback, feed the cache).
 
-        The cache is fed in batches every FEED_INTERVAL_S while events flow (and right
+        The fallback's cache is fed in batches every FEED_INTERVAL_S while events flow (and right
         before a snapshot is answered, so a reply holds everything forwarded before the
         request): this thread does not wake per event, so at any rate its cost is its
         per-event bookkeeping. Once a read finds the feed empty, the thread waits on the
@@ -390,7 +409,9 @@ class Daemon:
         try:
             while self._running:
                 wait_s = next_stats - time.monotonic()
-                if not waiting_on_feed:
+                if self.feed is None:
+                    wait_s = min(COUNTS_INTERVAL_S, wait_s)
+                elif not waiting_on_feed:
                     wait_s = min(FEED_INTERVAL_S, wait_s)
                 try:
                     ready = dict(poller.poll(max(0.0, wait_s) * 1000))
@@ -399,7 +420,7 @@ class Daemon:
                         continue
                     raise
                 fed = self._feed_cache()
-                if (fed == 0) != waiting_on_feed:
+                if self.feed is not None and (fed == 0) != waiting_on_feed:
                     waiting_on_feed = not waiting_on_feed
                     if waiting_on_feed:
                         poller.register(self.feed, zmq.POLLIN)
@@ -432,9 +453,18 @@ class Daemon:
 
         The checks and the cache are :mod:`bus.cache`'s (in C unless it was not built):
         what fails is counted by reason and never cached; the proxy forwarded it anyway,
-        and every consumer rejects and counts it itself."""
+        and every consumer rejects and counts it itself.
+
+        Where the compiled cache forwards, it has cached every event already: this reads
+        its counts (and returns 0)."""
         before = dict(self.rejected)
         try:
+            if isinstance(self.cache, CompiledCache):
+                self.forwarded, self.frames_seen, self.cache_dropped = self.cache.counts(
+                    self.rejected)
+                self.frames_forwarded = self.frames_seen
+                return 0
+            assert self.feed is not None
             seen, frames = self.cache.feed(self.feed, limit, time.monotonic(),
                                            self.max_msg_size, self.rejected)
         finally:
@@ -502,7 +532,7 @@ class Daemon:
 
     def _publish_stats(self, rate: float) -> None:
         """bus_stats, sent through the proxy like any event (and so cached by the feed)."""
-        frames = self._proxy_frames()
+        frames = self._proxy_frames() if self.feed is not None else None
         self._feed_cache(limit=None)  # now frames_seen covers what the proxy had counted
         if frames is not None:
             self.frames_forwarded = frames
@@ -772,9 +802,10 @@ def run(args: argparse.Namespace) -> int:
     for signum in lifecycle.STOP_SIGNALS:  # Ctrl-C, a supervisor, a closed terminal
         signal.signal(signum, daemon.stop)
     eps = daemon.endpoints
-    log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s; %s cache", os.getpid(),
+    log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s; %s", os.getpid(),
              eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "",
-             daemon.cache.name)
+             "compiled forwarder and cache" if daemon.cache.forwards
+             else f"libzmq proxy, {daemon.cache.name} cache")
     # One machine-readable line on stdout, so scripts and tests can use ephemeral ports.
     print(f"trainbus daemon ready publish={eps['publish']} subscribe={eps['subscribe']} "
           f"snapshot={eps['snapshot']}" + (f" upstream={args.upstream}" if args.upstream else ""),

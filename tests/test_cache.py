@@ -12,6 +12,8 @@ evictions, and every snapshot (any prefixes) in arrival order.
 from __future__ import annotations
 
 import random
+import threading
+import time
 from collections import Counter
 
 import msgpack
@@ -162,3 +164,144 @@ def test_cache_implementation_is_chosen_by_the_environment(monkeypatch) -> None:
     for cls in (LastValueCache, CompiledCache):
         with pytest.raises(ValueError):
             cls(10, 0, 60.0)
+
+
+PROBE = b"heartbeat/probe/0"
+
+
+class Forwarding:
+    """A compiled cache forwarding XSUB → PUB on a thread, as the daemon runs it: a
+    publisher into it, two subscribers out of it, all over inproc with unbounded queues
+    (so nothing is dropped and every difference is the forwarder's)."""
+
+    def __init__(self, cache: CompiledCache, name: str) -> None:
+        self.cache = cache
+        self.ctx = zmq.Context()
+        self.sockets: list[zmq.Socket] = []
+        xsub = self._socket(zmq.XSUB, bind=f"inproc://{name}-in")
+        xsub.send(b"\x01")  # everything, as the daemon subscribes
+        pub = self._socket(zmq.PUB, bind=f"inproc://{name}-out")
+        control = self._socket(zmq.PAIR, bind=f"inproc://{name}-control")
+        self.control = self._socket(zmq.PAIR, connect=f"inproc://{name}-control")
+        self.sinks = [self._socket(zmq.SUB, connect=f"inproc://{name}-out") for _ in range(2)]
+        for sink in self.sinks:
+            sink.setsockopt(zmq.SUBSCRIBE, b"")
+        self.publisher = self._socket(zmq.PUB, connect=f"inproc://{name}-in")
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._forward, args=(xsub, pub, control))
+        self.thread.start()
+        # Probe until both sinks hear it: from then on, all that is sent arrives.
+        self.probes = 0
+        heard = [False, False]
+        deadline = time.monotonic() + 10.0
+        while not all(heard):
+            assert time.monotonic() < deadline, "the forwarder never delivered a probe"
+            self.publisher.send_multipart([PROBE, msgpack.packb({"probe": self.probes})])
+            self.probes += 1
+            for i, sink in enumerate(self.sinks):
+                heard[i] = heard[i] or bool(sink.poll(10))
+
+    def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.sndhwm = sock.rcvhwm = 0
+        sock.bind(bind) if bind else sock.connect(connect)
+        self.sockets.append(sock)
+        return sock
+
+    def _forward(self, xsub: zmq.Socket, pub: zmq.Socket, control: zmq.Socket) -> None:
+        try:
+            self.cache.forward(xsub, pub, control, MAX_SIZE)
+        except BaseException as exc:  # surfaced by stop()
+            self.failure = exc
+
+    def received(self, sink: zmq.Socket, messages: int) -> list[list[bytes]]:
+        """The next ``messages`` messages from ``sink``, probes skipped."""
+        got: list[list[bytes]] = []
+        while len(got) < messages:
+            assert sink.poll(10_000), f"only {len(got)} of {messages} messages forwarded"
+            frames = sink.recv_multipart()
+            if frames[0] != PROBE:
+                got.append(frames)
+        return got
+
+    def stop(self) -> None:
+        self.control.send(b"TERMINATE")
+        self.thread.join(10.0)
+        assert not self.thread.is_alive(), "TERMINATE did not stop the forwarder"
+        for sock in self.sockets:
+            sock.close(0)
+        self.ctx.term()
+        if self.failure is not None:
+            raise self.failure
+
+
+def without_probes(pairs: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [pair for pair in pairs if pair[0] != PROBE]
+
+
+def test_forwarder_passes_every_frame_on_and_caches_what_the_python_cache_would() -> None:
+    """The daemon's forwarder: every message leaves exactly as it came (malformed ones
+    too: consumers judge them), and its cache ends up as the Python cache fed the same
+    stream, with the same rejects by reason."""
+    compiled_or_skip()
+    rng = random.Random(41)
+    topics = [f"ppo_update/run{r}/{w}".encode() for r in range(6) for w in range(8)]
+    forwarding = Forwarding(CompiledCache(4, 40, idle_evict_s=3600.0), "fwd-agree")
+    try:
+        sent = [random_message(rng, topics) for _ in range(3000)]
+        for frames in sent:
+            forwarding.publisher.send_multipart(frames)
+        assert forwarding.received(forwarding.sinks[1], len(sent)) == sent
+        reference = LastValueCache(4, 40, idle_evict_s=3600.0)
+        reference_rejects: Counter[str] = Counter()
+        reference.feed(forwarding.sinks[0], None, time.monotonic(), MAX_SIZE, reference_rejects)
+    finally:
+        forwarding.stop()
+    cache = forwarding.cache
+    rejects: Counter[str] = Counter()
+    messages, frames, dropped = cache.counts(rejects)
+    assert (messages, frames, dropped) == (len(sent) + forwarding.probes,
+                                           sum(map(len, sent)) + 2 * forwarding.probes, 0)
+    assert rejects == reference_rejects
+    assert set(rejects) == {"bad_frame_count", "too_large", "not_a_map", "bad_topic"}
+    assert len(cache) == len(reference) and cache.evicted == reference.evicted > 0
+    for prefixes in ([], [b"ppo_update/run1/", b"alert/"], [b"ppo_update/fresh"]):
+        assert without_probes(cache.snapshot(prefixes)) == without_probes(
+            reference.snapshot(prefixes)), prefixes
+    # Stamped with this process's monotonic clock, which the daemon's idle eviction reads.
+    assert cache.evict_idle(time.monotonic()) == 0
+    streams = len(cache)
+    assert cache.evict_idle(time.monotonic() + 3601.0) == streams > 0
+    cache.close()
+
+
+def test_forwarder_never_waits_for_a_held_cache_and_caches_what_it_parked() -> None:
+    """While the main thread holds the cache (a long snapshot), events keep flowing; the
+    forwarder parks up to ``park_max`` of them and caches them once the cache is free, so
+    the next snapshot holds everything forwarded before it. Beyond that bound an event is
+    forwarded but not cached, and counted."""
+    compiled_or_skip()
+    cache = CompiledCache(10, 100, idle_evict_s=3600.0)
+    forwarding = Forwarding(cache, "fwd-park")
+    extra = 100
+    try:
+        cache.hold(True)
+        try:
+            for seq in range(cache.park_max + extra):
+                forwarding.publisher.send_multipart(
+                    [b"ppo_update/parked/0", msgpack.packb({"seq": seq})])
+            # All delivered while the cache is held: forwarding did not wait for it.
+            got = forwarding.received(forwarding.sinks[0], cache.park_max + extra)
+            assert [msgpack.unpackb(p)["seq"] for _, p in got] == list(
+                range(cache.park_max + extra))
+        finally:
+            cache.hold(False)
+        cached = [msgpack.unpackb(p)["seq"]
+                  for _, p in cache.snapshot([b"ppo_update/parked/"])]
+        # The ring's last 10 of the parked ones; the overflow was forwarded, not cached.
+        assert cached == list(range(cache.park_max - 10, cache.park_max))
+        assert cache.counts(Counter())[2] == extra
+    finally:
+        forwarding.stop()
+    cache.close()

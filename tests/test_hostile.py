@@ -336,13 +336,15 @@ def test_ten_thousand_hostile_frames_through_daemon_and_consumers(procs: Process
     """≥ 10k hostile frames (fixed corpus x 100 + 5000 seeded random) with a valid event
     after every 10: the daemon, a tail process and a Subscriber stay up, each counts every
     bad message under the right reason, and every valid event arrives, in order, intact.
-    With either last-value cache (bus/cache.py): the compiled one the daemon runs, and the
-    Python one it falls back to where the C library was not built."""
+    With either forwarding path (bus/cache.py): the compiled forwarder and cache the
+    daemon runs, and libzmq's proxy with the Python cache it falls back to where the C
+    library was not built."""
     if cache == "compiled":
         compiled_or_skip()
     daemon = start_daemon(procs, "--stats-interval", "0.3",
                           env={"TRAINBUS_DAEMON_CACHE": cache})
-    daemon.proc.stderr.wait_for_line(rf"; {cache} cache$", 10)
+    daemon.proc.stderr.wait_for_line({"compiled": r"; compiled forwarder and cache$",
+                                      "python": r"; libzmq proxy, python cache$"}[cache], 10)
     tail, sub = start_consumers(procs, daemon)
     expected = Expected()
     rng = random.Random(5)
