@@ -13,9 +13,9 @@ machine's state. Every forwarder runs pinned to a core of its own and the load t
 other(s) (:class:`bench.common.CoreSplit`): left to the scheduler, the bare proxy alone
 spread 1.9-9.6 µs per event within one group, by where its threads landed.
 
-Two loads. Flat out (the publishers as fast as they can) is the stress case: every
-thread of every process competes for the two cores, libzmq batches, and the daemon's
-per-event Python cost (its cache reading each event, ~2 us) shows at its largest. Paced
+Two loads. Flat out (the publishers as fast as they can) is the stress case: the
+forwarder's core is busiest, libzmq batches, and the daemon's own per-event work (the
+copy of each payload into its cache) shows at its largest. Paced
 at 10k ev/s (2 x 5k/s, what a big job sends: 1000 workers at 10 updates/s), the case a
 training machine lives in: forwarders wake per batch of a few events, and the row says
 what the daemon costs on top of libzmq's own proxy there.

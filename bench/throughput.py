@@ -158,7 +158,7 @@ def run(quick: bool = False) -> list[Row]:
             "daemon throughput vs a bare zmq.proxy process", rates["daemon"], "ev/s",
             "bare zmq.proxy process", rates["bare"], min_ratio=0.95,
             note="the same rounds: what the daemon adds to libzmq's own forwarding (its "
-                 "cache feed and its cache), with the forwarding hop itself in both"),
+                 "cache), with the forwarding hop itself in both"),
     ]
     total_lost = sum(fan["lost"])
     rows.append(Row(

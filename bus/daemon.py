@@ -419,7 +419,7 @@ class Daemon:
                     if exc.errno == zmq.EINTR:
                         continue
                     raise
-                fed = self._feed_cache()
+                fed = self._catch_up()
                 if self.feed is not None and (fed == 0) != waiting_on_feed:
                     waiting_on_feed = not waiting_on_feed
                     if waiting_on_feed:
@@ -446,17 +446,16 @@ class Daemon:
                 _stop_proxy_thread(self._upstream_thread, self.upstream.control,
                                    "upstream forwarding")
 
-    def _feed_cache(self, limit: int | None = MAX_FEED_BATCH) -> int:
-        """Store what the proxy forwarded since the last call: at most ``limit`` messages
-        (so snapshot requests never wait long), or everything queued with None. Returns how
-        many messages were read.
+    def _catch_up(self, limit: int | None = MAX_FEED_BATCH) -> int:
+        """Bring the cache and its counts up to date; returns how many messages the feed
+        read (0 where the compiled forwarder caches as it forwards: then only its counts
+        are read).
 
-        The checks and the cache are :mod:`bus.cache`'s (in C unless it was not built):
-        what fails is counted by reason and never cached; the proxy forwarded it anyway,
-        and every consumer rejects and counts it itself.
-
-        Where the compiled cache forwards, it has cached every event already: this reads
-        its counts (and returns 0)."""
+        In the fallback, store what the proxy forwarded since the last call: at most
+        ``limit`` messages (so snapshot requests never wait long), or everything queued
+        with None. Either way the checks are :mod:`bus.cache`'s: what fails is counted by
+        reason and never cached; it was forwarded anyway, and every consumer rejects and
+        counts it itself."""
         before = dict(self.rejected)
         try:
             if isinstance(self.cache, CompiledCache):
@@ -497,7 +496,7 @@ class Daemon:
                 self._send_reply(identity, [b"ERROR", b"too many prefixes (at most %d)"
                                             % MAX_SNAPSHOT_PREFIXES])
                 continue
-            self._feed_cache(limit=None)  # all that was forwarded before the request
+            self._catch_up(limit=None)  # all that was forwarded before the request
             pairs = self.cache.snapshot(body[1:])
             reply = [b"SNAPSHOT", str(len(pairs)).encode()]
             for topic, payload in pairs:
@@ -533,7 +532,7 @@ class Daemon:
     def _publish_stats(self, rate: float) -> None:
         """bus_stats, sent through the proxy like any event (and so cached by the feed)."""
         frames = self._proxy_frames() if self.feed is not None else None
-        self._feed_cache(limit=None)  # now frames_seen covers what the proxy had counted
+        self._catch_up(limit=None)  # now frames_seen covers what the proxy had counted
         if frames is not None:
             self.frames_forwarded = frames
             # Never decreasing: frames forwarded after the STATISTICS answer can make
