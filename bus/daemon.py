@@ -386,11 +386,12 @@ class Daemon:
         """Start forwarding, then answer snapshots and publish bus_stats (and, in the
         fallback, feed the cache).
 
-        The fallback's cache is fed in batches every FEED_INTERVAL_S while events flow (and right
-        before a snapshot is answered, so a reply holds everything forwarded before the
-        request): this thread does not wake per event, so at any rate its cost is its
-        per-event bookkeeping. Once a read finds the feed empty, the thread waits on the
-        feed socket instead of the clock, so an idle daemon wakes only for bus_stats."""
+        The fallback's cache is fed in batches every FEED_INTERVAL_S while events flow
+        (and right before a snapshot is answered, so a reply holds everything forwarded
+        before the request): this thread does not wake per event, so at any rate its cost
+        is its per-event bookkeeping. Once a read finds the feed empty, the thread waits
+        on the feed socket instead of the clock. With the compiled forwarder it wakes once
+        every COUNTS_INTERVAL_S, for a snapshot request, and for bus_stats."""
         self._proxy_thread = threading.Thread(target=self._run_proxy, name="trainbus-proxy",
                                               daemon=True)
         self._proxy_thread.start()
