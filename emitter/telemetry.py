@@ -303,14 +303,17 @@ class TelemetryEmitter:
     @staticmethod
     def _coerce(fields: dict[str, Any], names: Any, kind: type, optional: bool) -> None:
         """Slow path: convert numbers of other types (numpy, 0-d tensors, ints for floats)
-        and raise a clear error naming the field for anything else."""
+        and raise a clear error naming the field for anything else. Text is not a number
+        even where float() would parse it ("1.5", b"2"): a consumer rejects a string field
+        (schema), so the emitter must not quietly turn the caller's bug into a number."""
         for name in names:
             value = fields[name]
             if value is None and optional:
                 continue
             what = kind.__name__ + (" or None" if optional else "")
-            if isinstance(value, bool):
-                raise TypeError(f"emit_ppo_update() field {name!r} must be {what}, got bool")
+            if isinstance(value, (bool, str, bytes, bytearray)):
+                raise TypeError(f"emit_ppo_update() field {name!r} must be {what}, "
+                                f"got {type(value).__name__} {value!r:.40}")
             try:
                 if kind is float:
                     converted: Any = float(value)

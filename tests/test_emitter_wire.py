@@ -170,6 +170,16 @@ def test_a_reopened_session_packs_its_new_session_id(wired):
     assert (second.session, second.seq) == (emitter.session, 0) and emitter.session != old
 
 
+def test_numeric_text_in_an_optional_field_is_refused(wired):
+    """Optional schema fields take a number or None; text is the caller's bug even where
+    float() or int() would parse it, and a consumer would reject the event for it."""
+    emitter, sink = wired
+    for name, text in (("explained_variance", "0.5"), ("nonfinite_grad_count", b"3")):
+        with pytest.raises(TypeError, match=f"field '{name}' must be .* or None, got"):
+            emitter.emit_ppo_update(**{**ppo_fields(1), name: text})
+    assert sink.quiet() and (emitter.sent, emitter._seq) == (0, 0)
+
+
 @pytest.mark.parametrize("name", list(protocol.PPO_UPDATE_REQUIRED))
 def test_every_required_field_is_checked_on_the_fast_path(wired, name):
     """The emitter spells its required-field checks out per field: each one must be
@@ -183,6 +193,9 @@ def test_every_required_field_is_checked_on_the_fast_path(wired, name):
         emitter.emit_ppo_update(**{**ppo_fields(1), name: "1.0x"})
     with pytest.raises(TypeError, match=f"field '{name}' must be"):
         emitter.emit_ppo_update(**{**ppo_fields(1), name: None})
+    for text in ("2", b"2", bytearray(b"2")):  # text float() or int() would parse: refused
+        with pytest.raises(TypeError, match=f"field '{name}' must be .*, got {type(text).__name__}"):
+            emitter.emit_ppo_update(**{**ppo_fields(1), name: text})
     if protocol.PPO_UPDATE_REQUIRED[name] == "int":
         with pytest.raises(ValueError, match=f"field '{name}' must be >= 0"):
             emitter.emit_ppo_update(**{**ppo_fields(1), name: -1})
