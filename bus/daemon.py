@@ -109,6 +109,13 @@ UPSTREAM_TAP_RCVHWM = 100_000
 #: TCP connection (power cut, cable) is noticed and reconnected to within seconds.
 UPSTREAM_HEARTBEAT_IVL_MS = 2000
 UPSTREAM_HEARTBEAT_TIMEOUT_MS = 6000
+#: Once the hub refuses a node's handshake (its key is not authorized, or CURVE on one side
+#: only), libzmq gives that connection up for good: it reconnects after a lost connection,
+#: never after a refused one. So the node dials again itself, first after this long, then
+#: doubling up to UPSTREAM_REDIAL_MAX_S: a key authorized on the hub later takes effect
+#: without restarting the node.
+UPSTREAM_REDIAL_FIRST_S = 2.0
+UPSTREAM_REDIAL_MAX_S = 30.0
 #: What goes upstream: every event type but the daemon's own statistics. A daemon's
 #: bus_stats describe that daemon to the consumers connected to it; forwarded, every
 #: node's would share the hub's one ``bus_stats/daemon/all`` stream.
@@ -373,6 +380,19 @@ class Daemon:
                 log.error("forwarding stopped: %s", exc)
                 self._running = False
 
+    def _redial_upstream(self) -> None:
+        """Dial the hub again after it refused us (see UPSTREAM_REDIAL_FIRST_S). The
+        upstream socket belongs to its proxy thread, so that proxy is paused (TERMINATE,
+        joined) around the redial and started again; the tap keeps what arrives meanwhile."""
+        assert self.upstream is not None
+        _stop_proxy_thread(self._upstream_thread, self.upstream.control, "upstream forwarding")
+        if self._upstream_thread is not None and self._upstream_thread.is_alive():
+            return  # it did not stop: its socket is not ours to touch; try again later
+        self.upstream.redial()
+        self._upstream_thread = threading.Thread(target=self._run_upstream_proxy,
+                                                 name="trainbus-upstream", daemon=True)
+        self._upstream_thread.start()
+
     def _run_upstream_proxy(self) -> None:
         assert self.upstream is not None
         try:
@@ -410,6 +430,8 @@ class Daemon:
         try:
             while self._running:
                 wait_s = next_stats - time.monotonic()
+                if self.upstream is not None and self.upstream.redial_at is not None:
+                    wait_s = min(wait_s, self.upstream.redial_at - time.monotonic())
                 if self.feed is None:
                     wait_s = min(COUNTS_INTERVAL_S, wait_s)
                 elif not waiting_on_feed:
@@ -432,6 +454,8 @@ class Daemon:
                 if self.upstream is not None and self.upstream.monitor in ready:
                     self.upstream.read_events()
                 now = time.monotonic()
+                if self.upstream is not None and self.upstream.redial_due(now):
+                    self._redial_upstream()
                 if now >= next_stats:
                     rate = (self.forwarded - last_forwarded) / max(now - last_stats_time, 1e-9)
                     last_forwarded, last_stats_time = self.forwarded, now
@@ -640,6 +664,9 @@ class Upstream:
         self.refused = 0
         self.frames = 0
         self._failure_logged = False
+        #: When to dial the hub again after a refused handshake (None: not refused).
+        self.redial_at: float | None = None
+        self._redial_delay = UPSTREAM_REDIAL_FIRST_S
         # The hub side first: a missing or unreadable key file fails here, before anything
         # else of ours exists (the caller closes the daemon's sockets).
         self.out = ctx.socket(zmq.PUB)
@@ -682,6 +709,27 @@ class Upstream:
         """On its own thread: tap -> hub, in libzmq, until TERMINATE."""
         zmq.proxy_steerable(self.tap, self.out, None, self._proxy_control)
 
+    def redial_due(self, now: float) -> bool:
+        return self.redial_at is not None and now >= self.redial_at
+
+    def redial(self) -> None:
+        """Connect to the hub anew (only while the upstream proxy is stopped)."""
+        try:
+            self.out.disconnect(self.endpoint)
+        except zmq.ZMQError:
+            pass  # libzmq already dropped the refused connection's endpoint
+        self.out.connect(self.endpoint)
+        self.redial_at = None
+        log.debug("upstream %s: dialling again", self.endpoint)
+
+    def _refused(self) -> None:
+        """A refused handshake: counted, and a redial scheduled (backing off)."""
+        self.refused += 1
+        self.connected = False
+        if self.redial_at is None:
+            self.redial_at = time.monotonic() + self._redial_delay
+            self._redial_delay = min(self._redial_delay * 2, UPSTREAM_REDIAL_MAX_S)
+
     def read_events(self) -> None:
         """Log and count what the upstream connection did (called on the main thread)."""
         from zmq.utils.monitor import recv_monitor_message
@@ -698,6 +746,7 @@ class Upstream:
                 self.connects += 1
                 self.connected = True
                 self._failure_logged = False
+                self._redial_delay = UPSTREAM_REDIAL_FIRST_S
                 log.info("upstream %s: %s", self.endpoint,
                          "connected" if self.connects == 1 else f"reconnected ({self.connects - 1} time(s))")
             elif kind == zmq.EVENT_DISCONNECTED:
@@ -706,16 +755,16 @@ class Upstream:
                                 "while ZeroMQ reconnects", self.endpoint, self.hwm)
                 self.connected = False
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                self.refused += 1
-                self.connected = False
+                self._refused()
                 if not self._failure_logged:
                     self._failure_logged = True
                     log.error("upstream %s refused this node's CURVE key (%s/client.key is not in "
-                              "the hub's authorized/ directory): nothing is forwarded",
-                              self.endpoint, self.curve_dir)
+                              "the hub's authorized/ directory): nothing is forwarded; dialling "
+                              "again every %.0f-%.0f s, so authorizing the key there is enough",
+                              self.endpoint, self.curve_dir, UPSTREAM_REDIAL_FIRST_S,
+                              UPSTREAM_REDIAL_MAX_S)
             else:  # a failed handshake: protocol or no detail
-                self.refused += 1
-                self.connected = False
+                self._refused()
                 if not self._failure_logged:
                     self._failure_logged = True
                     log.error("upstream %s: handshake failed (%s): %s", self.endpoint,

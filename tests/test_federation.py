@@ -113,6 +113,35 @@ def test_chain_of_two_hops_with_curve(procs: ProcessGroup, tmp_path: Path) -> No
         assert all("upstream" not in e.fields for e in events if e.type == "bus_stats")
 
 
+@pytest.mark.timeout(60)
+def test_a_refused_node_forwards_once_its_key_is_authorized(procs: ProcessGroup,
+                                                            tmp_path: Path) -> None:
+    """The hub refuses a node whose key is not (yet) in its authorized/ directory, and
+    libzmq then gives that connection up for good. Authorizing the key on the hub must be
+    enough: the node dials again by itself (no restart) and its events reach the hub."""
+    hub_keys = keys_init(procs, tmp_path / "hub-keys")
+    node_to_hub = keys_client(procs, hub_keys, "node")
+    authorized = hub_keys / "authorized" / "node.key"
+    held_back = tmp_path / "node.key"
+    authorized.rename(held_back)
+    hub = start_daemon(procs, "--curve", str(hub_keys), "--stats-interval", "0.2")
+    node = start_daemon(procs, "--stats-interval", "0.2", "--upstream", hub.publish,
+                        "--upstream-curve", str(node_to_hub))
+    node.proc.stderr.wait_for_line(r"refused this node's CURVE key", 15)
+    shutil.copyfile(held_back, authorized)  # the hub rereads authorized/ by itself
+    node.proc.stderr.wait_for_line(r"upstream .*: connected", 20)
+
+    with Subscriber(hub.subscribe, hub.snapshot, curve_client=str(hub_keys),
+                    types=["ppo_update"], use_snapshot=False) as at_hub:
+        publisher = procs.start(trainbus_cmd("publish", "--run", "late-key", "--workers", "1",
+                                             "--count", "200", "--rate", "100"), env=node.env)
+        events: list[protocol.Event] = []
+        wait_for(lambda: any(e.run == "late-key" for e in drain(at_hub, events)), 15,
+                 interval=0, message="the node's events at the hub after its key was authorized")
+        assert publisher.wait(30) == 0, publisher.stderr.text()
+    assert node.proc.popen.poll() is None
+
+
 def _free_tcp_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
