@@ -385,6 +385,7 @@ class Daemon:
         upstream socket belongs to its proxy thread, so that proxy is paused (TERMINATE,
         joined) around the redial and started again; the tap keeps what arrives meanwhile."""
         assert self.upstream is not None
+        self.upstream.stats()  # its frame count, before the proxy that counted it stops
         _stop_proxy_thread(self._upstream_thread, self.upstream.control, "upstream forwarding")
         if self._upstream_thread is not None and self._upstream_thread.is_alive():
             return  # it did not stop: its socket is not ours to touch; try again later
@@ -667,6 +668,7 @@ class Upstream:
         #: When to dial the hub again after a refused handshake (None: not refused).
         self.redial_at: float | None = None
         self._redial_delay = UPSTREAM_REDIAL_FIRST_S
+        self._frames_before_redials = 0
         # The hub side first: a missing or unreadable key file fails here, before anything
         # else of ours exists (the caller closes the daemon's sockets).
         self.out = ctx.socket(zmq.PUB)
@@ -713,7 +715,9 @@ class Upstream:
         return self.redial_at is not None and now >= self.redial_at
 
     def redial(self) -> None:
-        """Connect to the hub anew (only while the upstream proxy is stopped)."""
+        """Connect to the hub anew (only while the upstream proxy is stopped: the proxy
+        started after it counts frames from 0 again, so what was counted is kept)."""
+        self._frames_before_redials = self.frames
         try:
             self.out.disconnect(self.endpoint)
         except zmq.ZMQError:
@@ -777,7 +781,7 @@ class Upstream:
         """The upstream_* fields of the node's bus_stats."""
         frames = proxy_frames(self.control)
         if frames is not None:
-            self.frames = frames
+            self.frames = self._frames_before_redials + frames
         return {"upstream": self.endpoint, "upstream_connected": self.connected,
                 "upstream_connects": self.connects, "upstream_refused": self.refused,
                 "upstream_frames": self.frames}

@@ -128,8 +128,23 @@ def test_a_refused_node_forwards_once_its_key_is_authorized(procs: ProcessGroup,
     node = start_daemon(procs, "--stats-interval", "0.2", "--upstream", hub.publish,
                         "--upstream-curve", str(node_to_hub))
     node.proc.stderr.wait_for_line(r"refused this node's CURVE key", 15)
-    shutil.copyfile(held_back, authorized)  # the hub rereads authorized/ by itself
-    node.proc.stderr.wait_for_line(r"upstream .*: connected", 20)
+    with Subscriber(node.subscribe, node.snapshot, types=["bus_stats"],
+                    use_snapshot=False) as node_stats:
+        # Events while refused: handed to the upstream socket (and dropped there), counted.
+        early = procs.start(trainbus_cmd("publish", "--run", "early", "--workers", "1",
+                                         "--count", "20", "--rate", "200"), env=node.env)
+        assert early.wait(30) == 0, early.stderr.text()
+        stats: list[protocol.Event] = []
+        wait_for(lambda: any(e.fields["upstream_frames"] >= 40 for e in drain(node_stats, stats)),
+                 15, interval=0, message="the node to count the early events' frames")
+        shutil.copyfile(held_back, authorized)  # the hub rereads authorized/ by itself
+        node.proc.stderr.wait_for_line(r"upstream .*: connected", 20)
+        # A few bus_stats after the redial: the restarted upstream proxy counts from 0.
+        wait_for(lambda: sum(e.fields["upstream_connected"] for e in drain(node_stats, stats)) >= 3,
+                 15, interval=0, message="the node's bus_stats to say it is connected")
+        counted = [e.fields["upstream_frames"] for e in stats]
+        assert counted == sorted(counted), f"upstream_frames went back across the redial: {counted}"
+        assert stats[-1].fields["upstream_refused"] >= 1
 
     with Subscriber(hub.subscribe, hub.snapshot, curve_client=str(hub_keys),
                     types=["ppo_update"], use_snapshot=False) as at_hub:
