@@ -562,7 +562,8 @@ int tb_cache_forward(tb_cache *cache, void *xsub, void *pub, void *control, uint
                     result = send_frame(&second, pub, 1);
                     if (result == 0 && zmq_msg_recv_(&second, xsub, TB_DONTWAIT) < 0)
                         result = -1;
-                    frames++;
+                    else if (result == 0)
+                        frames++;
                 }
                 if (result == 0)
                     result = send_frame(&second, pub, 0);
