@@ -281,7 +281,9 @@ def _cores(cores: frozenset[int]) -> str:
 
 def core_split() -> CoreSplit | None:
     """The last core this process may use for forwarders, the rest for their load; None
-    where there is only one core (then nothing is pinned)."""
+    where there is only one core, or no way to pin (not Linux): then nothing is pinned."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return None
@@ -291,7 +293,11 @@ def core_split() -> CoreSplit | None:
 def pin_process(pid: int, cores: frozenset[int]) -> None:
     """Pin every thread of ``pid`` (affinity is per thread on Linux; threads started later
     inherit it from the thread that starts them)."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return  # the process has ended; whoever waits for it says so
+    for task in tasks:
         try:
             os.sched_setaffinity(int(task.name), cores)
         except (ProcessLookupError, FileNotFoundError):
