@@ -59,13 +59,13 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def _measure(forwarder: DaemonProc, pubs: int, per_pub: int, tag: str, split: CoreSplit | None,
+def _measure(forwarder: DaemonProc, pubs: int, per_pub: int, tag: str, split: CoreSplit,
              rate: float = 0.0) -> tuple[float, float]:
     """(µs of forwarder CPU per event delivered, delivered ev/s) for one run; ``rate`` per
     publisher, 0 = flat out."""
     marks: dict[str, int] = {}
     result = run_once(forwarder, pubs, 1, per_pub, tag, rate=rate,
-                      load_cores=split.load if split else None,
+                      load_cores=split.load,
                       on_go=lambda: marks.setdefault("start", cpu_ns(forwarder.popen.pid)),
                       on_done=lambda: marks.setdefault("end", cpu_ns(forwarder.popen.pid)))
     received = result["received"][0]
@@ -86,13 +86,12 @@ def run(quick: bool = False) -> list[Row]:
                                    "bare paced": [], "daemon paced": []}
     rates: dict[str, list[float]] = {mode: [] for mode in cpu}
     split = core_split()
-    cores = split.forwarder if split else None
     with ExitStack() as stack:
-        proxy = stack.enter_context(running_bare_proxy(cores=cores))
-        daemon = stack.enter_context(running_daemon(cores=cores))
+        proxy = stack.enter_context(running_bare_proxy(cores=split.forwarder))
+        daemon = stack.enter_context(running_daemon(cores=split.forwarder))
         # The hub is not measured: it stays off the forwarder's core.
-        hub = stack.enter_context(running_daemon(cores=split.load if split else None))
-        node = stack.enter_context(running_daemon("--upstream", hub.publish, cores=cores))
+        hub = stack.enter_context(running_daemon(cores=split.load))
+        node = stack.enter_context(running_daemon("--upstream", hub.publish, cores=split.forwarder))
         targets = {"bare": proxy, "daemon": daemon, "node": node}
         modes = list(targets)
         for rep in range(reps):

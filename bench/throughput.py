@@ -127,16 +127,15 @@ def run(quick: bool = False) -> list[Row]:
     rates: dict[str, list[float]] = {"direct": [], "bare": [], "daemon": []}
     losses: dict[str, list[int]] = {"direct": [], "bare": [], "daemon": []}
     split = core_split()
-    cores = split.forwarder if split else None
-    load_cores = split.load if split else None
-    with running_bare_proxy(cores=cores) as proxy, running_daemon(cores=cores) as daemon:
+    with running_bare_proxy(cores=split.forwarder) as proxy, \
+            running_daemon(cores=split.forwarder) as daemon:
         targets: dict[str, DaemonProc | None] = {"direct": None, "bare": proxy, "daemon": daemon}
         modes = list(targets)
         for rep in range(reps):
             # Rotate the order, so drift in machine load hits every mode alike.
             for mode in modes[rep % 3:] + modes[:rep % 3]:
                 result = run_once(targets[mode], pubs, 1, per_pub, f"tp-{mode}-{rep}",
-                                  load_cores=load_cores)
+                                  load_cores=split.load)
                 rates[mode].append(result["rates"][0])
                 losses[mode].append(result["lost"][0])
         fan = run_once(daemon, 16, 4, fan_per_pub, "fanout")
