@@ -48,7 +48,6 @@ class FeedCache(Protocol):
     """What the daemon needs from a cache, whichever implementation it is."""
 
     name: str
-    forwards: bool
     evicted: int
 
     def __len__(self) -> int: ...
@@ -67,8 +66,6 @@ class LastValueCache:
     """The last ``depth`` messages of every topic, in arrival order, bounded in streams."""
 
     name = "python"
-    #: The daemon forwards with libzmq's proxy and feeds this cache from a subscriber.
-    forwards = False
 
     def __init__(self, depth: int, max_streams: int, idle_evict_s: float) -> None:
         if depth < 1 or max_streams < 1:
@@ -304,8 +301,6 @@ class CompiledCache:
     cache's memory is what it holds: at most ``max_streams`` x ``depth`` payloads."""
 
     name = "compiled"
-    #: The daemon runs :meth:`forward` instead of libzmq's proxy and a feed.
-    forwards = True
     _handle: int | None = None  # until allocated (close() and __del__ may run before)
 
     def __init__(self, depth: int, max_streams: int, idle_evict_s: float) -> None:

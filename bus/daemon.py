@@ -298,7 +298,7 @@ class Daemon:
         # subscribe direction, never subscriptions. Its queue (PUB SNDHWM + this RCVHWM)
         # holds seconds of traffic at any rate the proxy sustains; beyond, the PUB drops
         # for it as for any slow subscriber, and the drop is counted (cache_dropped).
-        if not self.cache.forwards:
+        if not isinstance(self.cache, CompiledCache):
             self.pub.bind(f"{base}-feed")
             self.feed = self._ctx.socket(zmq.SUB)
             self.feed.linger = 0
@@ -857,7 +857,7 @@ def run(args: argparse.Namespace) -> int:
     eps = daemon.endpoints
     log.info("listening (pid %d): publish %s, subscribe %s, snapshot %s%s; %s", os.getpid(),
              eps["publish"], eps["subscribe"], eps["snapshot"], " [CURVE]" if args.curve else "",
-             "compiled forwarder and cache" if daemon.cache.forwards
+             "compiled forwarder and cache" if isinstance(daemon.cache, CompiledCache)
              else f"libzmq proxy, {daemon.cache.name} cache")
     # One machine-readable line on stdout, so scripts and tests can use ephemeral ports.
     print(f"trainbus daemon ready publish={eps['publish']} subscribe={eps['subscribe']} "
