@@ -11,10 +11,10 @@ discarded). The p50 rows are judged on the median of per-round ratios
 (direct p50 moved 126-229 µs within one), so a ratio is taken between runs seconds apart.
 Nothing is pinned here: a one-way latency is wake-ups, and pinning the forwarder to a
 core of its own made every hop into and out of it a cross-core wake-up (direct's
-publisher and subscriber then shared a core), which is not the comparison. The bare ``zmq.proxy`` process (:mod:`bench.bare_proxy`)
-prices the forwarding hop itself (two more thread hand-offs and a TCP hop, in libzmq),
-which any forwarder pays: the daemon is judged against it as well as against the direct
-link. A last mode, a bare pipe between two processes at the same pacing, measures how
+publisher and subscriber then shared a core), which is not the comparison. The bare
+``zmq.proxy`` process (:mod:`bench.bare_proxy`) prices the forwarding hop itself (two more
+thread hand-offs and a TCP hop, in libzmq), which any forwarder pays: the daemon is judged
+against it as well as against the direct link. A last mode, a bare pipe between two processes at the same pacing, measures how
 late this machine wakes a blocked process at all: the floor under any p99.
 """
 
@@ -82,11 +82,10 @@ def _pipe_floor(n: int) -> list[float]:
     return lat[len(lat) // 20:]
 
 
-def _one_run(daemon: DaemonProc | None, n: int, tag: str,
-             load_cores: frozenset[int] | None = None) -> list[float]:
+def _one_run(daemon: DaemonProc | None, n: int, tag: str) -> list[float]:
     """One-way latencies in µs of ``n`` events at RATE ev/s."""
     with agents() as started:
-        spec = {"expected": n, "idle_s": 3.0, "latency": True, "cores": load_cores,
+        spec = {"expected": n, "idle_s": 3.0, "latency": True,
                 "prefixes": [f"ppo_update/{tag}/".encode()]}
         if daemon is None:
             spec["bind"] = True
@@ -99,8 +98,7 @@ def _one_run(daemon: DaemonProc | None, n: int, tag: str,
             sync_subscribers(daemon.publish, [sub])
         pub = start_agent(publisher_main, {
             "endpoint": endpoint if daemon is None else daemon.publish, "run": tag,
-            "worker": 0, "n": n, "rate": RATE, "stamp": True,
-            "cores": load_cores})
+            "worker": 0, "n": n, "rate": RATE, "stamp": True})
         started.append(pub)
         if not pub.expect("ready", 60.0):
             raise TimeoutError("publisher never saw its subscriber")
